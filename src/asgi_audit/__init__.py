@@ -1,0 +1,30 @@
+"""asgi-audit: record the raw request and response bodies of selected routes of an ASGI
+service into durable, tamper-evident audit storage, without slowing the service down."""
+
+from __future__ import annotations
+
+from .errors import AuditError, ConfigError, NotSupportedError
+from .levels import Level
+from .markers import audited
+from .middleware import AuditMiddleware
+from .policy import Policy, Rule, make_rule
+from .record import Body, Exchange
+from .recorder import MemoryRecorder, Recorder
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuditError",
+    "AuditMiddleware",
+    "Body",
+    "ConfigError",
+    "Exchange",
+    "Level",
+    "MemoryRecorder",
+    "NotSupportedError",
+    "Policy",
+    "Recorder",
+    "Rule",
+    "audited",
+    "make_rule",
+]

@@ -1,0 +1,215 @@
+"""Settings from keyword arguments and ``ASGI_AUDIT_*`` environment variables.
+
+Arguments win over the environment. Every value is validated here, once, at construction:
+a mistake fails with a :class:`ConfigError` naming the parameter (or variable), what was
+expected and what arrived. Unknown ``ASGI_AUDIT_*`` variables are errors too, since a typo
+in a deployment manifest would otherwise silently change what is audited.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from .errors import ConfigError, NotSupportedError
+from .levels import Level
+from .policy import Policy, Rule, make_rule
+from .recorder import Overflow
+from .tap import OverLimit
+
+ENV_PREFIX = "ASGI_AUDIT_"
+
+DEFAULT_MEMORY_LIMIT = 4 << 20
+DEFAULT_BODY_LIMIT = 64 << 20
+
+_ENV_KEYS = {
+    "routes": "ROUTES",
+    "methods": "METHODS",
+    "exclude": "EXCLUDE",
+    "level": "LEVEL",
+    "statuses": "STATUSES",
+    "otherwise": "OTHERWISE",
+    "sample": "SAMPLE",
+    "memory_limit": "MEMORY_LIMIT",
+    "body_limit": "BODY_LIMIT",
+    "over_limit": "OVER_LIMIT",
+    "overflow": "OVERFLOW",
+    "spill_dir": "SPILL_DIR",
+    "service": "SERVICE",
+    "sink": "SINK",
+    "spool": "SPOOL",
+}
+_LIST_KEYS = frozenset({"routes", "methods", "exclude", "statuses"})
+_NOT_YET = {
+    "sink": "the durable recorder and its sinks are not available in this version; "
+    "pass recorder=... (for example asgi_audit.MemoryRecorder())",
+    "spool": "the spool arrives with the durable recorder; it is not available in this "
+    "version",
+}
+_SIZE = re.compile(r"(\d+)\s*([kmg]i?b?|b)?", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "ki": 1 << 10, "kib": 1 << 10, "mi": 1 << 20, "mib": 1 << 20,
+          "gi": 1 << 30, "gib": 1 << 30}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration of one middleware."""
+
+    policy: Policy
+    memory_limit: int
+    body_limit: int | None
+    over_limit: OverLimit
+    overflow: Overflow
+    spill_dir: str | None
+    service: str
+
+
+def load_settings(arguments: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    """Merge ``arguments`` (None means "not given") over the environment and validate."""
+    merged = _from_environment(environ)
+    merged.update({k: v for k, v in arguments.items() if v is not None})
+    for key, why in _NOT_YET.items():
+        if key in merged:
+            raise NotSupportedError(_name(key, arguments), why)
+    rules = merged.pop("rules", None)
+    return Settings(
+        policy=_policy(merged, rules),
+        memory_limit=_size(merged.get("memory_limit", DEFAULT_MEMORY_LIMIT), "memory_limit"),
+        body_limit=_optional_size(merged.get("body_limit", DEFAULT_BODY_LIMIT), "body_limit"),
+        over_limit=cast(OverLimit, _choice(merged.get("over_limit", "truncate"), "over_limit",
+                                           ("truncate", "skip_body"))),
+        overflow=cast(Overflow, _choice(merged.get("overflow", "block"), "overflow",
+                                        ("block", "drop"))),
+        spill_dir=_directory(merged.get("spill_dir")),
+        service=_service(merged.get("service", "asgi")),
+    )
+
+
+def _name(key: str, arguments: Mapping[str, Any]) -> str:
+    return key if arguments.get(key) is not None else ENV_PREFIX + _ENV_KEYS[key]
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    by_variable = {ENV_PREFIX + suffix: key for key, suffix in _ENV_KEYS.items()}
+    found: dict[str, Any] = {}
+    for variable, value in environ.items():
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        key = by_variable.get(variable)
+        if key is None:
+            close = difflib.get_close_matches(variable, by_variable, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(variable, f"unknown asgi-audit setting{hint}")
+        found[key] = _split(value) if key in _LIST_KEYS else value
+    return found
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _policy(merged: dict[str, Any], rules: Sequence[Rule] | None) -> Policy:
+    if rules is not None:
+        clash = sorted(k for k in ("routes", "methods", "exclude", "statuses", "sample") if k in merged)
+        if clash:
+            raise ConfigError("rules", f"replaces {', '.join(clash)}; give one or the other")
+        for rule in rules:
+            if not isinstance(rule, Rule):
+                raise ConfigError("rules", f"expected Rule objects (got {rule!r})")
+        return Policy(rules, Level.parse(merged.get("level", "None"), "level"))
+    level = Level.parse(merged.get("level", Level.REQUEST_RESPONSE), "level")
+    built: list[Rule] = []
+    exclude = merged.get("exclude")
+    if exclude:
+        built.append(make_rule(Level.NONE, routes=_list(exclude, "exclude")))
+    built.append(Rule(level=Level.REQUEST_RESPONSE, marked=True))
+    routes = merged.get("routes")
+    methods = merged.get("methods")
+    narrowed = routes is not None or methods is not None
+    if not narrowed or routes or methods:
+        built.append(make_rule(
+            level,
+            routes=_list(routes, "routes") or None,
+            methods=_list(methods, "methods") or None,
+            statuses=merged.get("statuses"),
+            otherwise=merged.get("otherwise", Level.NONE),
+            sample=_fraction(merged.get("sample", 1.0)),
+        ))
+    return Policy(built, Level.NONE)
+
+
+def _list(value: Any, parameter: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ConfigError(parameter, f"expected a list of strings (got {value!r})")
+    return list(value)
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError("sample", f"must be a number between 0 and 1 (got {value!r})") from None
+    return cast(float, value)
+
+
+def _size(value: Any, parameter: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(parameter, f"expected a byte count (got {value!r})")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(parameter, f"must not be negative (got {value})")
+        return value
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if match:
+            return int(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
+    raise ConfigError(parameter, f"expected a byte count such as 1048576 or '4MiB' (got {value!r})")
+
+
+def _optional_size(value: Any, parameter: str) -> int | None:
+    if isinstance(value, str) and value.strip().lower() in {"none", "unlimited"}:
+        return None
+    return _size(value, parameter)
+
+
+def _choice(value: Any, parameter: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ConfigError(parameter, f"must be one of {options} (got {value!r})")
+    return str(value)
+
+
+def _directory(value: Any) -> str | None:
+    if value is None:
+        return None
+    path = os.fspath(value)
+    if not os.path.isdir(path):
+        raise ConfigError("spill_dir", f"is not an existing directory (got {path!r})")
+    return str(path)
+
+
+def _service(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        raise ConfigError("service", f"expected a name of letters, digits, '.', '_', '-' (got {value!r})")
+    return value
+
+
+def check_routes(policy: Policy, declared: set[str] | None) -> None:
+    """Fail when a rule names a template the app does not declare (when that is known)."""
+    if not declared:
+        return
+    for rule in policy.rules:
+        parameter = "exclude" if rule.level is Level.NONE and not rule.statuses else "routes"
+        for template in sorted(rule.templates):
+            if template not in declared:
+                close = difflib.get_close_matches(template, declared, n=3)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise ConfigError(parameter, f"{template!r} is not a route of this app{hint}")

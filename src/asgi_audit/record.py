@@ -1,0 +1,277 @@
+"""The record of one audited exchange (schema 1), and the bodies it carries.
+
+An ``Exchange`` is built on the event loop from what the middleware saw, so building it
+must stay cheap: it holds references, never copies or hashes. Work that costs CPU
+(SHA-256 of in-memory bodies, joining chunks) happens when a consumer asks for it, off the
+loop: in the recorder thread or the shipper.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ._types import Headers
+from .levels import Level
+from .spill import SpillJob, executor
+
+SCHEMA_VERSION = 1
+
+Outcome = Literal["complete", "client_disconnected", "app_error"]
+
+_READ_BLOCK = 1 << 20
+
+
+class Body:
+    """A captured body: the stored bytes (in memory, in a spill file, or a file the app
+    sent by path), the true size of the whole stream, and its SHA-256."""
+
+    __slots__ = ("size", "complete", "truncated", "skipped", "memory_size", "_chunks", "_job",
+                 "_file", "_digest")
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        complete: bool,
+        truncated: bool = False,
+        skipped: bool = False,
+        chunks: list[bytes] | None = None,
+        job: SpillJob | None = None,
+        file: str | None = None,
+        memory_size: int = 0,
+    ) -> None:
+        self.size = size
+        self.memory_size = memory_size
+        """Bytes this body holds in RAM (what a queue bounded in bytes counts)."""
+        self.complete = complete
+        self.truncated = truncated
+        self.skipped = skipped
+        self._chunks = chunks if chunks is not None else []
+        self._job = job
+        self._file = file
+        self._digest: str | None = None
+
+    @classmethod
+    def from_path(cls, path: str) -> Body:
+        """A body the app sent with ``http.response.pathsend``: kept by reference."""
+        return cls(size=-1, complete=True, file=path)
+
+    @property
+    def sent_path(self) -> str | None:
+        """The file path of a ``pathsend`` response, else None."""
+        return self._file
+
+    @property
+    def spill_path(self) -> str | None:
+        """Where the stored bytes are, when they outgrew memory; waits for the worker."""
+        self._wait()
+        return None if self._job is None else self._job.path
+
+    def _wait(self) -> None:
+        if self._job is not None and self._job.last is not None:
+            digest = self._job.last.result()
+            if digest is not None:
+                self._digest = digest
+
+    def sha256(self) -> str:
+        """Lowercase hex SHA-256 of the whole stream (blocking: call it off the loop)."""
+        if self._digest is None:
+            if self._job is not None:
+                self._wait()
+            elif self._file is not None:
+                self._digest = _hash_file(self._file)
+            else:
+                hasher = hashlib.sha256()
+                for chunk in self._chunks:
+                    hasher.update(chunk)
+                self._digest = hasher.hexdigest()
+        assert self._digest is not None
+        return self._digest
+
+    @property
+    def stored_size(self) -> int:
+        """Bytes actually kept (less than ``size`` when truncated or skipped)."""
+        if self.skipped:
+            return 0
+        if self._file is not None:
+            return self.file_size()
+        if self._job is not None:
+            self._wait()
+            return self._job.stored
+        return sum(len(c) for c in self._chunks)
+
+    def file_size(self) -> int:
+        """Size of a ``pathsend`` file, read from the file system when first asked."""
+        if self._file is not None and self.size < 0:
+            self.size = os.stat(self._file).st_size
+        return self.size
+
+    def chunks(self) -> Iterator[bytes]:
+        """The stored bytes, in order, without joining them."""
+        if self.skipped:
+            return
+        if self._job is not None:
+            self._wait()
+            if self._job.path is None:
+                yield from self._job.prefix
+                return
+            yield from _read_file(self._job.path)
+        elif self._file is not None:
+            yield from _read_file(self._file)
+        else:
+            yield from self._chunks
+
+    def read(self) -> bytes:
+        """The stored bytes as one ``bytes`` object."""
+        return b"".join(self.chunks())
+
+    def discard(self) -> None:
+        """Release the stored bytes and remove any spill file (never the app's own file)."""
+        self._chunks = []
+        job = self._job
+        if job is None:
+            return
+        if job.last is None or job.last.done():
+            job.discard()
+        else:
+            executor().submit(job.discard)
+
+    def __repr__(self) -> str:
+        flags = "".join(
+            f" {name}" for name, on in (("truncated", self.truncated), ("skipped", self.skipped),
+                                        ("incomplete", not self.complete)) if on
+        )
+        where = "file" if self._file else "spilled" if self._job and self._job.path else "memory"
+        return f"<Body {self.size} bytes in {where}{flags}>"
+
+
+def _hash_file(path: str) -> str:
+    hasher = hashlib.sha256()
+    for block in _read_file(path):
+        hasher.update(block)
+    return hasher.hexdigest()
+
+
+def _read_file(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while block := handle.read(_READ_BLOCK):
+            yield block
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One audited HTTP exchange. Field names are the record schema (version 1)."""
+
+    id: str
+    stream: str
+    level: Level
+    method: str
+    scheme: str
+    host: str
+    path: str
+    query: bytes
+    http_version: str
+    client: tuple[str, int] | None
+    request_headers: Headers
+    started_at_ns: int
+    started_mono_ns: int
+    route: str | None = None
+    status: int | None = None
+    response_headers: Headers = field(default_factory=list)
+    response_trailers: Headers = field(default_factory=list)
+    response_started_mono_ns: int | None = None
+    ended_mono_ns: int = 0
+    request_body: Body | None = None
+    response_body: Body | None = None
+    request_size: int = 0
+    response_size: int = 0
+    outcome: Outcome = "complete"
+    error: str | None = None
+    correlation_id: str = ""
+    trace_id: str | None = None
+    service: str = ""
+    pod: str | None = None
+    namespace: str | None = None
+    node: str | None = None
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def duration_ns(self) -> int:
+        """Nanoseconds from the request's arrival at the middleware to the exchange's end."""
+        return self.ended_mono_ns - self.started_mono_ns
+
+    @property
+    def response_started_at_ns(self) -> int | None:
+        """Wall-clock time of the response start, derived from the monotonic clock."""
+        if self.response_started_mono_ns is None:
+            return None
+        return self.started_at_ns + self.response_started_mono_ns - self.started_mono_ns
+
+    @property
+    def ended_at_ns(self) -> int:
+        return self.started_at_ns + self.duration_ns
+
+    def discard(self) -> None:
+        """Release both bodies (spill files included)."""
+        for body in (self.request_body, self.response_body):
+            if body is not None:
+                body.discard()
+
+
+class _UUID7:
+    """Time-ordered ids (RFC 9562 UUIDv7), monotonic within a process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = 0
+        self._counter = 0
+
+    def __call__(self) -> str:
+        ms = time.time_ns() // 1_000_000
+        with self._lock:
+            if ms <= self._last_ms:
+                self._counter += 1
+                if self._counter > 0xFFF:
+                    self._last_ms += 1
+                    self._counter = 0
+                ms = self._last_ms
+            else:
+                self._last_ms = ms
+                self._counter = random.getrandbits(10)
+            counter = self._counter
+        value = (ms & 0xFFFFFFFFFFFF) << 80 | 0x7 << 76 | counter << 64
+        value |= 0b10 << 62 | random.getrandbits(62)
+        text = f"{value:032x}"
+        return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+new_record_id = _UUID7()
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who wrote a record: service, Kubernetes pod (downward API), and the stream id."""
+
+    service: str
+    pod: str | None
+    namespace: str | None
+    node: str | None
+    stream: str
+
+    @classmethod
+    def current(cls, service: str) -> Identity:
+        """Identity of this process; the stream id changes with the pid (after a fork)."""
+        pod = os.environ.get("POD_NAME") or None
+        namespace = os.environ.get("POD_NAMESPACE") or None
+        node = os.environ.get("NODE_NAME") or None
+        host = pod or os.uname().nodename
+        started = time.time_ns() // 1_000_000
+        stream = f"{service}.{host}.{os.getpid()}.{started}"
+        return cls(service, pod, namespace, node, stream)

@@ -1,0 +1,135 @@
+"""The hand-off from the request path to whatever keeps the records.
+
+The middleware calls :meth:`Recorder.try_submit` once per finished exchange: it must
+return at once. When it answers False (full), the middleware applies the overflow policy:
+``drop`` counts the exchange as lost and warns once; ``block`` awaits
+:meth:`Recorder.room` (suspending only that exchange's coroutine, never the event loop)
+and tries again. Any exception a recorder raises is caught, counted and logged by the
+middleware: a failing recorder never turns a good response into an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from typing import Literal, Protocol, runtime_checkable
+
+from .record import Exchange
+
+Overflow = Literal["block", "drop"]
+
+
+@runtime_checkable
+class Recorder(Protocol):
+    """Where finished exchanges go. Implementations must make ``try_submit`` non-blocking."""
+
+    def try_submit(self, exchange: Exchange, *, force: bool = False) -> bool:
+        """Enqueue ``exchange``; False when full. ``force`` accepts past the bounds (used
+        for exchanges that were cancelled and can no longer wait)."""
+        ...
+
+    async def room(self) -> None:
+        """Return once ``try_submit`` may succeed again."""
+        ...
+
+
+class RoomSignal:
+    """Wakes coroutines waiting for queue room; safe to call from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._waiters.append((loop, waiter))
+        await waiter
+
+    def notify_all(self) -> None:
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+        for loop, waiter in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, waiter)
+            except RuntimeError:  # that loop is closed; nobody waits any more
+                pass
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class MemoryRecorder:
+    """Keeps exchanges in a bounded in-process queue, for tests and examples.
+
+    Bounded by count and by stored body bytes. Consumers call :meth:`take` or
+    :meth:`take_all` (from any thread); each frees room for blocked producers.
+    """
+
+    def __init__(self, max_records: int = 1000, max_bytes: int = 256 << 20) -> None:
+        if max_records < 1:
+            raise ValueError(f"max_records must be at least 1 (got {max_records})")
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must not be negative (got {max_bytes})")
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self._queue: deque[tuple[Exchange, int]] = deque()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._room = RoomSignal()
+        self._arrived = threading.Condition(self._lock)
+
+    def try_submit(self, exchange: Exchange, *, force: bool = False) -> bool:
+        weight = _weight(exchange)
+        with self._lock:
+            full = len(self._queue) >= self.max_records or (
+                self._queue and self._bytes + weight > self.max_bytes
+            )
+            if full and not force:
+                return False
+            self._queue.append((exchange, weight))
+            self._bytes += weight
+            self._arrived.notify_all()
+        return True
+
+    async def room(self) -> None:
+        with self._lock:
+            if len(self._queue) < self.max_records and self._bytes < self.max_bytes:
+                return
+        await self._room.wait()
+
+    def take(self, timeout: float | None = None) -> Exchange | None:
+        """Remove and return the oldest exchange, waiting up to ``timeout`` seconds."""
+        with self._lock:
+            if not self._queue and not self._arrived.wait_for(lambda: bool(self._queue),
+                                                             timeout):
+                return None
+            exchange, weight = self._queue.popleft()
+            self._bytes -= weight
+        self._room.notify_all()
+        return exchange
+
+    def take_all(self) -> list[Exchange]:
+        """Remove and return every queued exchange, oldest first."""
+        with self._lock:
+            taken = [exchange for exchange, _ in self._queue]
+            self._queue.clear()
+            self._bytes = 0
+        self._room.notify_all()
+        return taken
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+
+def _weight(exchange: Exchange) -> int:
+    """Bytes an exchange holds in memory: its in-memory bodies (spilled ones count 0)."""
+    total = 0
+    for body in (exchange.request_body, exchange.response_body):
+        if body is not None:
+            total += body.memory_size
+    return total

@@ -1,0 +1,153 @@
+"""Route templates: which declared route served a request, and which routes an app has.
+
+Policy rules name routes the way the app declares them (``/orders/{order_id}``), so the
+template has to come from the router, not from a regex over the raw path. Starlette and
+FastAPI record the matched route in ``scope["route"]`` (Starlette >= 1.7, FastAPI >= 0.74.1)
+and the endpoint in ``scope["endpoint"]``. Two things then need care:
+
+* Mounts grow ``scope["root_path"]``; the template of a route inside a mounted app is that
+  growth plus the route's own ``path_format``.
+* FastAPI >= 0.137 no longer copies routes on ``include_router``: ``route.path_format``
+  lacks the include prefixes. ``fastapi.routing.iter_route_contexts`` lists the full
+  templates; when a route's own regex does not match the request path, the prefixed form
+  is looked up there.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from ._types import Scope
+
+_Contexts = dict[int, list[tuple[Any, str]]]
+
+
+def route_path(scope: Scope, root_path: str) -> str:
+    """The request path below ``root_path`` (what the app's router matches)."""
+    path: str = scope["path"]
+    if root_path and path.startswith(root_path):
+        return path[len(root_path) :] or "/"
+    return path
+
+
+class TemplateResolver:
+    """Finds the full template of the route that served a request; cached per router."""
+
+    __slots__ = ("_contexts",)
+
+    def __init__(self) -> None:
+        self._contexts: dict[int, _Contexts] = {}
+
+    def template(self, scope: Scope, entry_root_path: str) -> str | None:
+        """Full route template for a routed scope, or None when no route matched."""
+        route = scope.get("route")
+        if route is None:
+            return None
+        fmt = getattr(route, "path_format", None)
+        if not isinstance(fmt, str):
+            return None
+        current_root: str = scope.get("root_path", "") or ""
+        mount_prefix = current_root[len(entry_root_path) :] if current_root.startswith(
+            entry_root_path
+        ) else ""
+        if _is_mount(route):
+            return mount_prefix + "/{path}"
+        below = route_path(scope, current_root)
+        regex = getattr(route, "path_regex", None)
+        if regex is None or regex.match(below):
+            return mount_prefix + fmt
+        included = self._included_template(scope, route, below)
+        return mount_prefix + (included if included is not None else fmt)
+
+    def _included_template(self, scope: Scope, route: Any, below: str) -> str | None:
+        router = scope.get("router")
+        if router is None:
+            return None
+        contexts = self._contexts.get(id(router))
+        if contexts is None:
+            contexts = _route_contexts(router)
+            self._contexts[id(router)] = contexts
+        for regex, fmt in contexts.get(id(route), ()):
+            if regex.match(below):
+                return fmt
+        return None
+
+
+def _is_mount(route: Any) -> bool:
+    fmt = getattr(route, "path_format", "")
+    return hasattr(route, "routes") and isinstance(fmt, str) and fmt.endswith("{path}")
+
+
+def _route_contexts(router: Any) -> _Contexts:
+    """Map ``id(original route)`` to (regex, full template) for FastAPI >= 0.137.2."""
+    try:
+        from fastapi.routing import iter_route_contexts  # type: ignore[attr-defined]
+    except ImportError:
+        return {}
+    found: _Contexts = {}
+    for context in iter_route_contexts(getattr(router, "routes", [])):
+        fmt = context.path_format
+        regex = getattr(context, "path_regex", None)
+        if isinstance(fmt, str) and regex is not None:
+            found.setdefault(id(context.original_route), []).append((regex, fmt))
+    return found
+
+
+def declared_templates(app: Any) -> set[str] | None:
+    """Every route template an app declares, or None when its routes cannot be seen.
+
+    Follows ``.app`` links through middleware (``add_middleware`` hands us the inner stack)
+    until an object with ``routes`` appears, then walks mounts.
+    """
+    seen = 0
+    node = app
+    while node is not None and seen < 32:
+        routes = getattr(node, "routes", None)
+        if isinstance(routes, list):
+            return set(_walk(routes, ""))
+        node = getattr(node, "app", None)
+        seen += 1
+    return None
+
+
+def _walk(routes: list[Any], prefix: str) -> Iterator[str]:
+    for fmt, route in _formats(routes):
+        if _is_mount(route):
+            mount_prefix = prefix + fmt[: -len("/{path}")]
+            inner = getattr(route, "routes", None) or []
+            yielded = False
+            for template in _walk(list(inner), mount_prefix):
+                yielded = True
+                yield template
+            if not yielded:
+                yield mount_prefix + "/{path}"
+        else:
+            yield prefix + fmt
+
+
+def _formats(routes: list[Any]) -> Iterator[tuple[str, Any]]:
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:
+        iter_route_contexts = None
+    if iter_route_contexts is not None:
+        for context in iter_route_contexts(routes):
+            fmt = context.path_format
+            if isinstance(fmt, str):
+                yield fmt, getattr(context, "route", context)
+        return
+    for route in routes:
+        fmt = getattr(route, "path_format", None)
+        if isinstance(fmt, str):
+            yield fmt, route
+
+
+_PARAM = re.compile(r"\{[^}]*\}")
+
+
+def literal_prefix(template: str) -> str:
+    """The part of a template before its first parameter: every matching path starts so."""
+    match = _PARAM.search(template)
+    return template if match is None else template[: match.start()]

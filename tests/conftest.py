@@ -1,0 +1,27 @@
+"""Shared fixtures: a fresh recorder per test, and helpers to drive raw ASGI apps."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from asgi_audit import MemoryRecorder
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep a developer's own ASGI_AUDIT_* variables out of the tests."""
+    for name in list(os.environ):
+        if name.startswith("ASGI_AUDIT_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def recorder() -> Iterator[MemoryRecorder]:
+    """An in-memory recorder whose leftover spill files are removed after the test."""
+    rec = MemoryRecorder()
+    yield rec
+    for exchange in rec.take_all():
+        exchange.discard()
