@@ -47,13 +47,25 @@ _LIST_KEYS = frozenset({"routes", "methods", "exclude", "statuses"})
 _NOT_YET = {
     "sink": "the durable recorder and its sinks are not available in this version; "
     "pass recorder=... (for example asgi_audit.MemoryRecorder())",
-    "spool": "the spool arrives with the durable recorder; it is not available in this "
-    "version",
+    "spool": "the spool arrives with the durable recorder; it is not available in this version",
 }
 _SIZE = re.compile(r"(\d+)\s*([kmg]i?b?|b)?", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
-          "gb": 1000**3, "ki": 1 << 10, "kib": 1 << 10, "mi": 1 << 20, "mib": 1 << 20,
-          "gi": 1 << 30, "gib": 1 << 30}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "ki": 1 << 10,
+    "kib": 1 << 10,
+    "mi": 1 << 20,
+    "mib": 1 << 20,
+    "gi": 1 << 30,
+    "gib": 1 << 30,
+}
 
 
 @dataclass(frozen=True)
@@ -81,10 +93,13 @@ def load_settings(arguments: Mapping[str, Any], environ: Mapping[str, str]) -> S
         policy=_policy(merged, rules),
         memory_limit=_size(merged.get("memory_limit", DEFAULT_MEMORY_LIMIT), "memory_limit"),
         body_limit=_optional_size(merged.get("body_limit", DEFAULT_BODY_LIMIT), "body_limit"),
-        over_limit=cast(OverLimit, _choice(merged.get("over_limit", "truncate"), "over_limit",
-                                           ("truncate", "skip_body"))),
-        overflow=cast(Overflow, _choice(merged.get("overflow", "block"), "overflow",
-                                        ("block", "drop"))),
+        over_limit=cast(
+            OverLimit,
+            _choice(merged.get("over_limit", "truncate"), "over_limit", ("truncate", "skip_body")),
+        ),
+        overflow=cast(
+            Overflow, _choice(merged.get("overflow", "block"), "overflow", ("block", "drop"))
+        ),
         spill_dir=_directory(merged.get("spill_dir")),
         service=_service(merged.get("service", "asgi")),
     )
@@ -115,7 +130,9 @@ def _split(value: str) -> list[str]:
 
 def _policy(merged: dict[str, Any], rules: Sequence[Rule] | None) -> Policy:
     if rules is not None:
-        clash = sorted(k for k in ("routes", "methods", "exclude", "statuses", "sample") if k in merged)
+        clash = sorted(
+            k for k in ("routes", "methods", "exclude", "statuses", "sample") if k in merged
+        )
         if clash:
             raise ConfigError("rules", f"replaces {', '.join(clash)}; give one or the other")
         for rule in rules:
@@ -127,19 +144,22 @@ def _policy(merged: dict[str, Any], rules: Sequence[Rule] | None) -> Policy:
     exclude = merged.get("exclude")
     if exclude:
         built.append(make_rule(Level.NONE, routes=_list(exclude, "exclude")))
-    built.append(Rule(level=Level.REQUEST_RESPONSE, marked=True))
     routes = merged.get("routes")
     methods = merged.get("methods")
     narrowed = routes is not None or methods is not None
+    if narrowed:  # with everything audited already, markers would only defer decisions
+        built.append(Rule(level=Level.REQUEST_RESPONSE, marked=True))
     if not narrowed or routes or methods:
-        built.append(make_rule(
-            level,
-            routes=_list(routes, "routes") or None,
-            methods=_list(methods, "methods") or None,
-            statuses=merged.get("statuses"),
-            otherwise=merged.get("otherwise", Level.NONE),
-            sample=_fraction(merged.get("sample", 1.0)),
-        ))
+        built.append(
+            make_rule(
+                level,
+                routes=_list(routes, "routes") or None,
+                methods=_list(methods, "methods") or None,
+                statuses=merged.get("statuses"),
+                otherwise=merged.get("otherwise", Level.NONE),
+                sample=_fraction(merged.get("sample", 1.0)),
+            )
+        )
     return Policy(built, Level.NONE)
 
 
@@ -156,7 +176,9 @@ def _fraction(value: Any) -> float:
         try:
             return float(value)
         except ValueError:
-            raise ConfigError("sample", f"must be a number between 0 and 1 (got {value!r})") from None
+            raise ConfigError(
+                "sample", f"must be a number between 0 and 1 (got {value!r})"
+            ) from None
     return cast(float, value)
 
 
@@ -198,7 +220,9 @@ def _directory(value: Any) -> str | None:
 
 def _service(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
-        raise ConfigError("service", f"expected a name of letters, digits, '.', '_', '-' (got {value!r})")
+        raise ConfigError(
+            "service", f"expected a name of letters, digits, '.', '_', '-' (got {value!r})"
+        )
     return value
 
 

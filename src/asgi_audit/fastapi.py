@@ -18,8 +18,17 @@ from .markers import MARKER_ATTRIBUTE, audited, note_marker
 def audited_route(level: str | Level = Level.REQUEST_RESPONSE) -> type[APIRoute]:
     """A route class that marks its routes as audited at ``level``."""
     parsed = Level.parse(level, "audited_route(level=...)")
-    note_marker()
-    namespace: dict[str, Any] = {MARKER_ATTRIBUTE: parsed, "__module__": __name__}
+
+    def __init__(self: APIRoute, *args: Any, **kwargs: Any) -> None:
+        APIRoute.__init__(self, *args, **kwargs)
+        note_marker()
+
+    namespace: dict[str, Any] = {
+        MARKER_ATTRIBUTE: parsed,
+        "__init__": __init__,
+        "__module__": __name__,
+        "__doc__": f"An APIRoute audited at {parsed.word}.",
+    }
     return type(f"AuditedRoute{parsed.word}", (APIRoute,), namespace)
 
 

@@ -62,13 +62,26 @@ class AuditMiddleware:
     ) -> None:
         self.app = app
         arguments = {
-            "routes": routes, "methods": methods, "exclude": exclude, "level": level,
-            "statuses": statuses, "otherwise": otherwise, "sample": sample,
-            "rules": None if rules is None else list(rules), "memory_limit": memory_limit,
-            "body_limit": body_limit, "over_limit": over_limit, "overflow": overflow,
-            "spill_dir": spill_dir, "service": service, "sink": sink, "spool": spool,
+            "routes": routes,
+            "methods": methods,
+            "exclude": exclude,
+            "level": level,
+            "statuses": statuses,
+            "otherwise": otherwise,
+            "sample": sample,
+            "rules": None if rules is None else list(rules),
+            "memory_limit": memory_limit,
+            "body_limit": body_limit,
+            "over_limit": over_limit,
+            "overflow": overflow,
+            "spill_dir": spill_dir,
+            "service": service,
+            "sink": sink,
+            "spool": spool,
         }
-        self.settings: Settings = load_settings(arguments, os.environ if environ is None else environ)
+        self.settings: Settings = load_settings(
+            arguments, os.environ if environ is None else environ
+        )
         self.policy: Policy = self.settings.policy
         if self.policy.templates():
             check_routes(self.policy, declared_templates(app))
@@ -102,11 +115,11 @@ class AuditMiddleware:
             self._identity_pid = pid
         return self._identity
 
-    def warn_once(self, key: str, message: str, *args: object) -> None:
+    def warn_once(self, key: str, message: str, *, exc_info: bool = False) -> None:
         """Log a problem the first time it happens; later ones are only counted."""
         if key not in self._warned:
             self._warned.add(key)
-            logger.warning(message, *args)
+            logger.warning(message, exc_info=exc_info)
 
     def __repr__(self) -> str:
         return f"AuditMiddleware({self.policy!r}, recorder={self.recorder!r})"
@@ -146,8 +159,9 @@ class AuditMiddleware:
         self.failures += 1
         exchange.discard()
         logger.debug("asgi-audit: recorder failed", exc_info=True)
-        self.warn_once("recorder", "asgi-audit: the recorder raised; exchanges are being lost",
-                       exc_info=True)
+        self.warn_once(
+            "recorder", "asgi-audit: the recorder raised; exchanges are being lost", exc_info=True
+        )
 
 
 def _max_level(rule: Rule) -> Level:
@@ -157,10 +171,30 @@ def _max_level(rule: Rule) -> Level:
 class _Capture:
     """Per-exchange state: the two taps and what the messages said. Never shared."""
 
-    __slots__ = ("mw", "scope", "_receive", "_send", "rule", "root", "path", "req", "resp",
-                 "status", "response_headers", "trailers", "response_trailers",
-                 "response_started", "response_complete", "request_complete",
-                 "disconnected", "error", "sent_path", "started_at", "started_mono", "active")
+    __slots__ = (
+        "_receive",
+        "_send",
+        "active",
+        "disconnected",
+        "error",
+        "mw",
+        "path",
+        "req",
+        "request_complete",
+        "resp",
+        "response_complete",
+        "response_headers",
+        "response_started",
+        "response_trailers",
+        "root",
+        "rule",
+        "scope",
+        "sent_path",
+        "started_at",
+        "started_mono",
+        "status",
+        "trailers",
+    )
 
     def __init__(
         self,
@@ -198,8 +232,13 @@ class _Capture:
 
     def _tap(self, keep: bool) -> BodyTap:
         s = self.mw.settings
-        return BodyTap(memory_limit=s.memory_limit, body_limit=s.body_limit,
-                       over_limit=s.over_limit, spill_dir=s.spill_dir, keep=keep)
+        return BodyTap(
+            memory_limit=s.memory_limit,
+            body_limit=s.body_limit,
+            over_limit=s.over_limit,
+            spill_dir=s.spill_dir,
+            keep=keep,
+        )
 
     async def run(self) -> None:
         try:
@@ -269,7 +308,9 @@ class _Capture:
         kind = message["type"]
         if kind == "http.response.body":
             tap = self.resp
-            if tap is not None:
+            # Servers send no body for HEAD (Starlette's Response still passes one, which
+            # uvicorn drops): record what went on the wire, i.e. nothing.
+            if tap is not None and self.scope["method"] != "HEAD":
                 body = message.get("body", b"")
                 tap.feed(body if type(body) is bytes else bytes(body))
         elif kind == "http.response.start":
@@ -348,9 +389,11 @@ class _Capture:
         headers: Headers = scope.get("headers") or []
         correlation, trace = _correlation(headers)
         outcome, error = self._outcome()
-        request_body = self._close(self.req, self.request_complete, level >= Level.REQUEST)
-        response_body = self._close(self.resp, self.response_complete,
-                                    level >= Level.REQUEST_RESPONSE)
+        request_complete = self.request_complete or _bodiless(headers, scope)
+        request_body = self._close(self.req, request_complete, level >= Level.REQUEST)
+        response_body = self._close(
+            self.resp, self.response_complete, level >= Level.REQUEST_RESPONSE
+        )
         if self.sent_path is not None and level >= Level.REQUEST_RESPONSE:
             response_body = Body.from_path(self.sent_path)
         record_id = new_record_id()
@@ -399,7 +442,10 @@ class _Capture:
 
     def _outcome(self) -> tuple[Outcome, str | None]:
         error = self.error
-        if self.disconnected and not self.response_complete:
+        # `disconnected` is only set for a disconnect seen before the response completed;
+        # whatever the app sent after it (a 400 or 500 made of the disconnect, which
+        # uvicorn drops) never reached the client, so it does not make the exchange complete.
+        if self.disconnected:
             return "client_disconnected", None if error is None else type(error).__name__
         if error is not None:
             return "app_error", type(error).__name__
@@ -418,6 +464,19 @@ def _correlation(headers: Headers) -> tuple[str | None, str | None]:
             if len(parts) >= 4 and len(parts[1]) == 32:
                 trace = parts[1]
     return correlation, trace
+
+
+def _bodiless(headers: Headers, scope: Scope) -> bool:
+    """An HTTP/1.x request with neither Content-Length nor Transfer-Encoding has no body
+    (RFC 9112, 6.3), so an app that never read it still saw all of it."""
+    if not scope.get("http_version", "1.1").startswith("1"):
+        return False
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return False
+        if name == b"content-length":
+            return value.strip() == b"0"
+    return True
 
 
 def _host(headers: Headers, scope: Scope) -> str:

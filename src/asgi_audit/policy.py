@@ -24,8 +24,9 @@ from .markers import MARKER_ATTRIBUTE, marker_level, markers_in_use
 from .routes import literal_prefix
 
 _GLOB_CHARS = frozenset("*?[")
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
-                      "CONNECT", "QUERY"})
+_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "QUERY"}
+)
 
 
 class _Pending:
@@ -220,7 +221,7 @@ _MARKED_RULES = {level: Rule(level=level, marked=True) for level in Level}
 class Policy:
     """An ordered list of rules and the level for exchanges no rule matches."""
 
-    __slots__ = ("rules", "default", "_default_rule", "_needs_route")
+    __slots__ = ("_default_rule", "_needs_route", "default", "rules")
 
     def __init__(self, rules: Sequence[Rule], default: Level = Level.NONE) -> None:
         self.rules = tuple(rules)

@@ -32,8 +32,17 @@ class Body:
     """A captured body: the stored bytes (in memory, in a spill file, or a file the app
     sent by path), the true size of the whole stream, and its SHA-256."""
 
-    __slots__ = ("size", "complete", "truncated", "skipped", "memory_size", "_chunks", "_job",
-                 "_file", "_digest")
+    __slots__ = (
+        "_chunks",
+        "_digest",
+        "_file",
+        "_job",
+        "complete",
+        "memory_size",
+        "size",
+        "skipped",
+        "truncated",
+    )
 
     def __init__(
         self,
@@ -145,8 +154,13 @@ class Body:
 
     def __repr__(self) -> str:
         flags = "".join(
-            f" {name}" for name, on in (("truncated", self.truncated), ("skipped", self.skipped),
-                                        ("incomplete", not self.complete)) if on
+            f" {name}"
+            for name, on in (
+                ("truncated", self.truncated),
+                ("skipped", self.skipped),
+                ("incomplete", not self.complete),
+            )
+            if on
         )
         where = "file" if self._file else "spilled" if self._job and self._job.path else "memory"
         return f"<Body {self.size} bytes in {where}{flags}>"

@@ -11,6 +11,7 @@ middleware: a failing recorder never turns a good response into an error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from typing import Literal, Protocol, runtime_checkable
@@ -42,20 +43,21 @@ class RoomSignal:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     async def wait(self) -> None:
-        loop = asyncio.get_running_loop()
+        await self.register(asyncio.get_running_loop())
+
+    def register(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """A future of ``loop`` that the next :meth:`notify_all` resolves."""
         waiter: asyncio.Future[None] = loop.create_future()
         with self._lock:
             self._waiters.append((loop, waiter))
-        await waiter
+        return waiter
 
     def notify_all(self) -> None:
         with self._lock:
             waiters, self._waiters = self._waiters, []
         for loop, waiter in waiters:
-            try:
+            with contextlib.suppress(RuntimeError):  # that loop is closed; nobody waits any more
                 loop.call_soon_threadsafe(_resolve, waiter)
-            except RuntimeError:  # that loop is closed; nobody waits any more
-                pass
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
@@ -82,6 +84,7 @@ class MemoryRecorder:
         self._lock = threading.Lock()
         self._room = RoomSignal()
         self._arrived = threading.Condition(self._lock)
+        self._refused = False
 
     def try_submit(self, exchange: Exchange, *, force: bool = False) -> bool:
         weight = _weight(exchange)
@@ -90,6 +93,7 @@ class MemoryRecorder:
                 self._queue and self._bytes + weight > self.max_bytes
             )
             if full and not force:
+                self._refused = True
                 return False
             self._queue.append((exchange, weight))
             self._bytes += weight
@@ -97,19 +101,24 @@ class MemoryRecorder:
         return True
 
     async def room(self) -> None:
+        # Whether an exchange fits depends on its weight, which room() does not know: wait
+        # for a take whenever a submission was refused since the last one. Checked and
+        # registered under the queue's lock, so a take from another thread is never missed.
+        loop = asyncio.get_running_loop()
         with self._lock:
-            if len(self._queue) < self.max_records and self._bytes < self.max_bytes:
+            if not self._refused:
                 return
-        await self._room.wait()
+            waiter = self._room.register(loop)
+        await waiter
 
     def take(self, timeout: float | None = None) -> Exchange | None:
         """Remove and return the oldest exchange, waiting up to ``timeout`` seconds."""
         with self._lock:
-            if not self._queue and not self._arrived.wait_for(lambda: bool(self._queue),
-                                                             timeout):
+            if not self._queue and not self._arrived.wait_for(lambda: bool(self._queue), timeout):
                 return None
             exchange, weight = self._queue.popleft()
             self._bytes -= weight
+            self._refused = False
         self._room.notify_all()
         return exchange
 
@@ -119,6 +128,7 @@ class MemoryRecorder:
             taken = [exchange for exchange, _ in self._queue]
             self._queue.clear()
             self._bytes = 0
+            self._refused = False
         self._room.notify_all()
         return taken
 

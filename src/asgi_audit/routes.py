@@ -16,7 +16,7 @@ and the endpoint in ``scope["endpoint"]``. Two things then need care:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ._types import Scope
@@ -35,23 +35,24 @@ def route_path(scope: Scope, root_path: str) -> str:
 class TemplateResolver:
     """Finds the full template of the route that served a request; cached per router."""
 
-    __slots__ = ("_contexts",)
+    __slots__ = ("_contexts", "_endpoints")
 
     def __init__(self) -> None:
-        self._contexts: dict[int, _Contexts] = {}
+        self._contexts: dict[int, tuple[Any, _Contexts]] = {}
+        self._endpoints: dict[int, tuple[Any, dict[int, list[str]]]] = {}
 
     def template(self, scope: Scope, entry_root_path: str) -> str | None:
         """Full route template for a routed scope, or None when no route matched."""
         route = scope.get("route")
         if route is None:
-            return None
+            return self._endpoint_template(scope, entry_root_path)
         fmt = getattr(route, "path_format", None)
         if not isinstance(fmt, str):
             return None
         current_root: str = scope.get("root_path", "") or ""
-        mount_prefix = current_root[len(entry_root_path) :] if current_root.startswith(
-            entry_root_path
-        ) else ""
+        mount_prefix = (
+            current_root[len(entry_root_path) :] if current_root.startswith(entry_root_path) else ""
+        )
         if _is_mount(route):
             return mount_prefix + "/{path}"
         below = route_path(scope, current_root)
@@ -65,13 +66,37 @@ class TemplateResolver:
         router = scope.get("router")
         if router is None:
             return None
-        contexts = self._contexts.get(id(router))
-        if contexts is None:
-            contexts = _route_contexts(router)
-            self._contexts[id(router)] = contexts
-        for regex, fmt in contexts.get(id(route), ()):
+        cached = self._contexts.get(id(router))
+        if cached is None or cached[0] is not router:
+            cached = (router, _route_contexts(router))
+            self._contexts[id(router)] = cached
+        for regex, fmt in cached[1].get(id(route), ()):
             if regex.match(below):
                 return fmt
+        return None
+
+    def _endpoint_template(self, scope: Scope, entry_root_path: str) -> str | None:
+        """Starlette < 1.7 records only ``scope["endpoint"]``: find its declared route."""
+        endpoint = scope.get("endpoint")
+        router = scope.get("router")
+        if endpoint is None or router is None:
+            return None
+        cached = self._endpoints.get(id(router))
+        if cached is None or cached[0] is not router:
+            by_endpoint: dict[int, list[str]] = {}
+            for template, declared in _walk_routes(list(getattr(router, "routes", [])), ""):
+                target = getattr(declared, "endpoint", None)
+                if target is not None:
+                    by_endpoint.setdefault(id(target), []).append(template)
+            cached = (router, by_endpoint)
+            self._endpoints[id(router)] = cached
+        candidates = cached[1].get(id(endpoint), [])
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        below = route_path(scope, entry_root_path)
+        for template in candidates:
+            if _template_regex(template).match(below):
+                return template
         return None
 
 
@@ -82,9 +107,8 @@ def _is_mount(route: Any) -> bool:
 
 def _route_contexts(router: Any) -> _Contexts:
     """Map ``id(original route)`` to (regex, full template) for FastAPI >= 0.137.2."""
-    try:
-        from fastapi.routing import iter_route_contexts  # type: ignore[attr-defined]
-    except ImportError:
+    iter_route_contexts = _fastapi_route_contexts()
+    if iter_route_contexts is None:
         return {}
     found: _Contexts = {}
     for context in iter_route_contexts(getattr(router, "routes", [])):
@@ -93,6 +117,13 @@ def _route_contexts(router: Any) -> _Contexts:
         if isinstance(fmt, str) and regex is not None:
             found.setdefault(id(context.original_route), []).append((regex, fmt))
     return found
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    from starlette.routing import compile_path
+
+    regex: re.Pattern[str] = compile_path(template)[0]
+    return regex
 
 
 def declared_templates(app: Any) -> set[str] | None:
@@ -106,32 +137,42 @@ def declared_templates(app: Any) -> set[str] | None:
     while node is not None and seen < 32:
         routes = getattr(node, "routes", None)
         if isinstance(routes, list):
-            return set(_walk(routes, ""))
+            return {template for template, _ in _walk_routes(routes, "")}
         node = getattr(node, "app", None)
         seen += 1
     return None
 
 
-def _walk(routes: list[Any], prefix: str) -> Iterator[str]:
+def _walk_routes(routes: list[Any], prefix: str) -> Iterator[tuple[str, Any]]:
+    """(full template, route) for every route, descending into mounts."""
     for fmt, route in _formats(routes):
         if _is_mount(route):
             mount_prefix = prefix + fmt[: -len("/{path}")]
             inner = getattr(route, "routes", None) or []
             yielded = False
-            for template in _walk(list(inner), mount_prefix):
+            for found in _walk_routes(list(inner), mount_prefix):
                 yielded = True
-                yield template
+                yield found
             if not yielded:
-                yield mount_prefix + "/{path}"
+                yield mount_prefix + "/{path}", route
         else:
-            yield prefix + fmt
+            yield prefix + fmt, route
+
+
+def _fastapi_route_contexts() -> Callable[[list[Any]], Iterator[Any]] | None:
+    """``fastapi.routing.iter_route_contexts`` where FastAPI (>= 0.137.2) has it."""
+    try:
+        from fastapi import routing
+    except ImportError:
+        return None
+    found: Callable[[list[Any]], Iterator[Any]] | None = getattr(
+        routing, "iter_route_contexts", None
+    )
+    return found
 
 
 def _formats(routes: list[Any]) -> Iterator[tuple[str, Any]]:
-    try:
-        from fastapi.routing import iter_route_contexts
-    except ImportError:
-        iter_route_contexts = None
+    iter_route_contexts = _fastapi_route_contexts()
     if iter_route_contexts is not None:
         for context in iter_route_contexts(routes):
             fmt = context.path_format

@@ -9,6 +9,7 @@ with the first body that outgrows its memory limit, and is replaced after ``fork
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -46,8 +47,18 @@ class SpillJob:
     Every method but :meth:`submit` runs on the worker thread, in submission order.
     """
 
-    __slots__ = ("_hasher", "_store_limit", "_to_file", "_dir", "path", "_fd", "stored",
-                 "prefix", "last")
+    __slots__ = (
+        "_dir",
+        "_error",
+        "_fd",
+        "_hasher",
+        "_store_limit",
+        "_to_file",
+        "last",
+        "path",
+        "prefix",
+        "stored",
+    )
 
     def __init__(self, store_limit: int, to_file: bool, directory: str | None) -> None:
         self._hasher = hashlib.sha256()
@@ -59,6 +70,7 @@ class SpillJob:
         self.stored = 0
         self.prefix: list[bytes] = []
         self.last: Future[str | None] | None = None
+        self._error: BaseException | None = None
 
     def submit(self, chunks: list[bytes], final: bool) -> Future[str | None]:
         """Queue ``chunks`` for hashing and storing; the final batch resolves to the digest."""
@@ -66,9 +78,12 @@ class SpillJob:
         return self.last
 
     def _run(self, chunks: list[bytes], final: bool) -> str | None:
+        if self._error is not None:  # a batch failed: later ones would store a gapped body
+            raise self._error
         try:
             self._consume(chunks)
-        except BaseException:
+        except BaseException as exc:
+            self._error = exc
             self._close()
             raise
         if not final:
@@ -96,8 +111,9 @@ class SpillJob:
 
     def _write(self, parts: list[bytes]) -> None:
         if self._fd < 0:
-            self._fd, self.path = tempfile.mkstemp(prefix="asgi-audit-", suffix=".body",
-                                                   dir=self._dir)
+            self._fd, self.path = tempfile.mkstemp(
+                prefix="asgi-audit-", suffix=".body", dir=self._dir
+            )
         for start in range(0, len(parts), _IOV_MAX):
             batch = parts[start : start + _IOV_MAX]
             expected = sum(len(p) for p in batch)
@@ -116,8 +132,6 @@ class SpillJob:
         """Remove the spill file (after the body was delivered, or when it is dropped)."""
         self._close()
         if self.path is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
             self.path = None

@@ -10,6 +10,7 @@ gets the true size and the SHA-256 of the whole stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections import deque
 from concurrent.futures import Future
@@ -27,9 +28,22 @@ MAX_BACKLOG = 4
 class BodyTap:
     """Copy of one body stream; one per direction of an audited exchange."""
 
-    __slots__ = ("size", "_keep", "_chunks", "_kept", "_threshold", "_store_limit",
-                 "_over_limit", "_memory_limit", "_spill_dir", "_job", "_batch", "_batch_bytes",
-                 "_batch_size", "_outstanding")
+    __slots__ = (
+        "_batch",
+        "_batch_bytes",
+        "_batch_size",
+        "_chunks",
+        "_job",
+        "_keep",
+        "_kept",
+        "_memory_limit",
+        "_outstanding",
+        "_over_limit",
+        "_spill_dir",
+        "_store_limit",
+        "_threshold",
+        "size",
+    )
 
     def __init__(
         self,
@@ -101,9 +115,21 @@ class BodyTap:
         return len(outstanding) > MAX_BACKLOG
 
     async def catch_up(self) -> None:
-        """Wait (without blocking the loop) until the worker's backlog is bounded again."""
+        """Wait (without blocking the loop) until the worker's backlog is bounded again.
+
+        Never cancels a batch (``asyncio.wrap_future`` would, when the waiting task is
+        cancelled) and never raises a batch's error: the body reports that when read.
+        """
+        loop = asyncio.get_running_loop()
         while self.backlogged:
-            await asyncio.wrap_future(self._outstanding[0])
+            waiter: asyncio.Future[None] = loop.create_future()
+
+            def wake(_: Future[str | None], waiter: asyncio.Future[None] = waiter) -> None:
+                with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
+                    loop.call_soon_threadsafe(_resolve, waiter)
+
+            self._outstanding[0].add_done_callback(wake)
+            await waiter
 
     def close(self, complete: bool) -> Body | None:
         """End the stream (``complete`` when its last chunk arrived) and return the body,
@@ -113,14 +139,22 @@ class BodyTap:
         if not self._keep:
             return None
         if self._job is None:
-            return Body(size=self.size, complete=complete, chunks=self._chunks,
-                        memory_size=self._kept)
-        in_memory = 0 if self._memory_limit < self._store_limit else min(self.size,
-                                                                          self._store_limit)
+            return Body(
+                size=self.size, complete=complete, chunks=self._chunks, memory_size=self._kept
+            )
+        in_memory = (
+            0 if self._memory_limit < self._store_limit else min(self.size, self._store_limit)
+        )
         self._submit(final=True)
         self._outstanding.clear()
-        return Body(size=self.size, complete=complete, truncated=truncated, skipped=skipped,
-                    job=self._job, memory_size=in_memory)
+        return Body(
+            size=self.size,
+            complete=complete,
+            truncated=truncated,
+            skipped=skipped,
+            job=self._job,
+            memory_size=in_memory,
+        )
 
     def stop_keeping(self) -> None:
         """Count from now on, keep nothing (the exchange turned out not to need this body)."""
@@ -131,3 +165,8 @@ class BodyTap:
             self._submit_to(job, final=True)
             self._outstanding.clear()
             executor().submit(job.discard)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

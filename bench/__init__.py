@@ -1,0 +1,1 @@
+"""Benchmarks for asgi-audit (run with ``python -m bench.NAME``)."""

@@ -1,0 +1,201 @@
+"""``asgi-audit demo``: a small shop API under uvicorn, audited, exercised, and shown.
+
+It runs on a free loopback port, sends the kind of traffic the product is for (a ~1 MB
+JSON order, a streamed export, a few small calls, a health check that is excluded), shuts
+the server down the way Kubernetes does (graceful exit), and prints what was recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from .fastapi import audited
+from .middleware import AuditMiddleware
+from .record import Exchange
+from .recorder import MemoryRecorder
+
+
+class Line(BaseModel):
+    sku: str
+    quantity: int
+    price_cents: int
+    note: str
+
+
+class Order(BaseModel):
+    customer: str
+    lines: list[Line]
+
+
+def build_app(recorder: MemoryRecorder) -> FastAPI:
+    """The demo shop: FastAPI with ``AuditMiddleware`` on its order routes."""
+    app = FastAPI(title="demo-shop")
+
+    @app.post("/orders/{order_id}")
+    async def put_order(order_id: int, order: Order) -> dict[str, Any]:
+        total = sum(line.quantity * line.price_cents for line in order.lines)
+        return {"order_id": order_id, "lines": len(order.lines), "total_cents": total}
+
+    @app.get("/orders/{order_id}")
+    async def get_order(order_id: int) -> dict[str, Any]:
+        return {"order_id": order_id, "status": "shipped"}
+
+    @app.get("/exports/orders.ndjson")
+    @audited(level="RequestResponse")
+    async def export_orders() -> StreamingResponse:
+        async def rows() -> AsyncIterator[bytes]:
+            for number in range(2000):
+                yield json.dumps({"order_id": number, "status": "shipped"}).encode() + b"\n"
+
+        return StreamingResponse(rows(), media_type="application/x-ndjson")
+
+    @app.post("/upload")
+    async def upload(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    @app.get("/health")
+    async def health() -> str:
+        return "ok"
+
+    app.add_middleware(
+        AuditMiddleware,
+        routes=["/orders/{order_id}", "/upload"],
+        exclude=["/health"],
+        recorder=recorder,
+        service="demo-shop",
+        environ={},
+    )
+    return app
+
+
+def sample_order(target_bytes: int = 1_000_000) -> bytes:
+    """A realistic order document of about ``target_bytes`` bytes of JSON."""
+    lines = []
+    number = 0
+    size = 0
+    while size < target_bytes:
+        line = {
+            "sku": f"SKU-{number:06d}",
+            "quantity": number % 7 + 1,
+            "price_cents": 199 + number % 5000,
+            "note": f"gift wrap {number % 3} ünïcode ✓",
+        }
+        lines.append(line)
+        size += len(json.dumps(line)) + 2
+        number += 1
+    return json.dumps({"customer": "c-0042", "lines": lines}).encode()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_demo(echo: Callable[[str], None] = print) -> list[Exchange]:
+    """Serve, exercise, stop, and return (and print) the recorded exchanges."""
+    recorder = MemoryRecorder()
+    port = _free_port()
+    config = uvicorn.Config(
+        build_app(recorder), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="demo-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the demo server did not start")
+        time.sleep(0.02)
+    base = f"http://127.0.0.1:{port}"
+    echo(
+        f"demo shop listening on {base} (uvicorn, AuditMiddleware on /orders/{{order_id}}, "
+        "/upload and the @audited export)"
+    )
+    order = sample_order()
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            calls = [
+                client.post(
+                    "/orders/7",
+                    content=order,
+                    headers={"content-type": "application/json", "x-request-id": "demo-order-7"},
+                ),
+                client.get("/orders/7"),
+                client.post("/upload", content=bytes(range(256)) * 64),
+                client.get("/health"),
+                client.get("/orders/not-a-number"),
+            ]
+            with client.stream("GET", "/exports/orders.ndjson") as streamed:
+                exported = sum(len(chunk) for chunk in streamed.iter_bytes())
+        for response in calls:
+            echo(
+                f"  {response.request.method:5} {response.request.url.path:28} -> "
+                f"{response.status_code} ({len(response.content):,} bytes)"
+            )
+        echo(f"  GET   /exports/orders.ndjson         -> 200 ({exported:,} bytes, streamed)")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    exchanges = recorder.take_all()
+    echo("")
+    echo(f"recorded {len(exchanges)} exchanges (GET /health is excluded):")
+    for exchange in exchanges:
+        echo(describe(exchange))
+    sent = hashlib.sha256(order).hexdigest()
+    stored = next(
+        (e for e in exchanges if e.method == "POST" and e.route == "/orders/{order_id}"), None
+    )
+    if stored is not None and stored.request_body is not None:
+        same = stored.request_body.sha256() == sent
+        echo(f"\nthe 1 MB order was stored byte for byte: {same} (sha256 {sent[:16]}…)")
+    for exchange in exchanges:
+        exchange.discard()
+    return exchanges
+
+
+def describe(exchange: Exchange) -> str:
+    """One line per exchange, then one per body: size, digest, and how it was kept."""
+    duration_ms = exchange.duration_ns / 1e6
+    lines = [
+        f"- {exchange.id}  {exchange.method} {exchange.path} route={exchange.route} "
+        f"status={exchange.status} {exchange.outcome} level={exchange.level.word} "
+        f"{duration_ms:.1f} ms correlation={exchange.correlation_id}"
+    ]
+    for name, body, size in (
+        ("request ", exchange.request_body, exchange.request_size),
+        ("response", exchange.response_body, exchange.response_size),
+    ):
+        if body is None:
+            lines.append(f"    {name} {size:,} bytes (not kept at {exchange.level.word})")
+            continue
+        flags = " truncated" if body.truncated else ""
+        flags += "" if body.complete else " incomplete"
+        lines.append(
+            f"    {name} {body.size:,} bytes sha256={body.sha256()[:16]}…{flags} "
+            f"{_preview(body.read()[:60])}"
+        )
+    return "\n".join(lines)
+
+
+def _preview(head: bytes) -> str:
+    try:
+        return repr(head.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "(binary)"
+
+
+__all__ = ["build_app", "describe", "run_demo", "sample_order"]

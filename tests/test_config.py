@@ -1,0 +1,134 @@
+"""Configuration: arguments over environment, validation at construction, clear errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from asgi_audit import AuditMiddleware, ConfigError, Level, NotSupportedError, make_rule
+from asgi_audit._types import Receive, Scope, Send
+
+
+async def _app(scope: Scope, receive: Receive, send: Send) -> None:
+    """An opaque ASGI app: it declares no routes the middleware could check."""
+
+
+def test_no_arguments_audits_everything_at_request_response() -> None:
+    """The default policy audits every exchange with both bodies."""
+    middleware = AuditMiddleware(_app, environ={})
+    decision = middleware.policy.decide_early("GET", "/anything")
+    assert decision.level is Level.REQUEST_RESPONSE  # type: ignore[union-attr]
+    assert middleware.settings.overflow == "block"
+
+
+def test_environment_configures_the_middleware() -> None:
+    """ASGI_AUDIT_* variables set routes, methods, exclusions, limits and policies."""
+    middleware = AuditMiddleware(
+        _app,
+        environ={
+            "ASGI_AUDIT_ROUTES": "/orders/{order_id}, /admin/*",
+            "ASGI_AUDIT_METHODS": "post,put",
+            "ASGI_AUDIT_EXCLUDE": "/health",
+            "ASGI_AUDIT_LEVEL": "request",
+            "ASGI_AUDIT_MEMORY_LIMIT": "2MiB",
+            "ASGI_AUDIT_BODY_LIMIT": "none",
+            "ASGI_AUDIT_OVERFLOW": "drop",
+            "ASGI_AUDIT_OVER_LIMIT": "skip_body",
+            "ASGI_AUDIT_SERVICE": "orders-api",
+            "ASGI_AUDIT_SAMPLE": "0.5",
+        },
+    )
+    settings = middleware.settings
+    assert (settings.memory_limit, settings.body_limit) == (2 << 20, None)
+    assert (settings.overflow, settings.over_limit, settings.service) == (
+        "drop",
+        "skip_body",
+        "orders-api",
+    )
+    assert repr(middleware.policy) == (
+        "Policy(exclude(routes=['/health']), marked(), audit('Request', routes=["
+        "'/orders/{order_id}', '/admin/*'], methods=['POST', 'PUT'], sample=0.5), "
+        "default='None')"
+    )
+
+
+def test_arguments_win_over_the_environment() -> None:
+    """A keyword argument replaces the same setting from the environment."""
+    middleware = AuditMiddleware(
+        _app,
+        memory_limit=1024,
+        environ={"ASGI_AUDIT_MEMORY_LIMIT": "9", "ASGI_AUDIT_LEVEL": "x"},
+        level="Metadata",
+    )
+    assert middleware.settings.memory_limit == 1024
+
+
+def test_sizes_accept_units() -> None:
+    """Byte sizes take plain integers or SI/IEC units."""
+    middleware = AuditMiddleware(_app, memory_limit="64KiB", body_limit="1MB", environ={})
+    assert (middleware.settings.memory_limit, middleware.settings.body_limit) == (65536, 10**6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "environ", "parameter"),
+    [
+        ({"memory_limit": -1}, {}, "memory_limit"),
+        ({"body_limit": "lots"}, {}, "body_limit"),
+        ({"body_limit": True}, {}, "body_limit"),
+        ({"overflow": "spill"}, {}, "overflow"),
+        ({"over_limit": "cut"}, {}, "over_limit"),
+        ({"level": "verbose"}, {}, "level"),
+        ({"service": "my service"}, {}, "service"),
+        ({"spill_dir": "/nonexistent/asgi-audit"}, {}, "spill_dir"),
+        ({}, {"ASGI_AUDIT_ROUTE": "/x"}, "ASGI_AUDIT_ROUTE"),
+        ({}, {"ASGI_AUDIT_OVERFLOW": "sometimes"}, "overflow"),
+        ({"routes": ["/a"], "rules": [make_rule()]}, {}, "rules"),
+        ({"rules": ["/a"]}, {}, "rules"),
+    ],
+)
+def test_bad_configuration_fails_naming_the_parameter(
+    kwargs: dict[str, Any], environ: dict[str, str], parameter: str
+) -> None:
+    """Invalid settings fail at construction, naming the parameter or variable."""
+    with pytest.raises(ConfigError) as caught:
+        AuditMiddleware(_app, environ=environ, **kwargs)
+    assert caught.value.parameter == parameter
+
+
+def test_unknown_environment_variable_suggests_the_right_one() -> None:
+    """A misspelt ASGI_AUDIT_ variable is an error with a suggestion, not ignored."""
+    with pytest.raises(ConfigError, match="did you mean ASGI_AUDIT_ROUTES"):
+        AuditMiddleware(_app, environ={"ASGI_AUDIT_ROUTE": "/x"})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "environ", "parameter"),
+    [
+        ({"sink": "sqlite:///audit.db"}, {}, "sink"),
+        ({"spool": "/tmp/spool"}, {}, "spool"),
+        ({}, {"ASGI_AUDIT_SINK": "sqlite:///audit.db"}, "ASGI_AUDIT_SINK"),
+    ],
+)
+def test_options_not_available_yet_fail_clearly(
+    kwargs: dict[str, Any], environ: dict[str, str], parameter: str
+) -> None:
+    """Documented options that this version lacks raise instead of being ignored."""
+    with pytest.raises(NotSupportedError) as caught:
+        AuditMiddleware(_app, environ=environ, **kwargs)
+    assert caught.value.parameter == parameter
+
+
+def test_recorder_must_be_a_recorder() -> None:
+    """Passing something that is not a Recorder fails at construction."""
+    with pytest.raises(TypeError, match="recorder"):
+        AuditMiddleware(_app, recorder=object(), environ={})  # type: ignore[arg-type]
+
+
+def test_construction_starts_no_thread() -> None:
+    """Building the middleware is cheap: no thread starts before an audited exchange."""
+    import threading
+
+    before = {t.ident for t in threading.enumerate()}
+    AuditMiddleware(_app, environ={})
+    assert {t.ident for t in threading.enumerate()} == before
