@@ -559,12 +559,12 @@ def test_pathsend_is_forwarded_and_recorded_by_path(
     assert exchange.outcome == "complete"
     body = exchange.response_body
     assert body is not None and body.sent_path == str(path)
-    # Kept by reference: what the file holds when the record is read is what counts, which
-    # shows the middleware neither read nor hashed it during the exchange.
+    assert exchange.response_size == body.file_size() == len(b"%PDF-1.7 ") + 1000
+    # Kept by reference: the bytes are read when the record is consumed, which shows the
+    # middleware neither read nor hashed them during the exchange.
     with path.open("ab") as handle:
         handle.write(b"%%EOF")
     content = path.read_bytes()
-    assert body.file_size() == len(content)
     assert body.sha256() == hashlib.sha256(content).hexdigest()
     exchange.discard()
     assert path.read_bytes() == content

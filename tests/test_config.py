@@ -132,3 +132,11 @@ def test_construction_starts_no_thread() -> None:
     before = {t.ident for t in threading.enumerate()}
     AuditMiddleware(_app, environ={})
     assert {t.ident for t in threading.enumerate()} == before
+
+
+def test_body_limit_none_means_no_limit() -> None:
+    """body_limit=None lifts the limit; leaving it out keeps the 64 MiB default."""
+    assert AuditMiddleware(_app, body_limit=None, environ={}).settings.body_limit is None
+    assert AuditMiddleware(_app, environ={}).settings.body_limit == 64 << 20
+    from_env = AuditMiddleware(_app, environ={"ASGI_AUDIT_BODY_LIMIT": "1KiB"})
+    assert from_env.settings.body_limit == 1024

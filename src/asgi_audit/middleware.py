@@ -11,6 +11,8 @@ handed to the recorder with one non-blocking call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import logging
 import os
 import time
@@ -27,6 +29,20 @@ from .routes import TemplateResolver, declared_templates, route_path
 from .tap import BodyTap
 
 logger = logging.getLogger("asgi_audit")
+
+
+class _Default(enum.Enum):
+    DEFAULT = "default"
+
+
+DEFAULT = _Default.DEFAULT
+"""Marks ``body_limit`` as not given, since ``None`` there means "no limit"."""
+
+
+def _body_limit_argument(value: int | str | _Default | None) -> int | str | None:
+    if value is DEFAULT:
+        return None  # not given: the environment or the default decides
+    return "unlimited" if value is None else value
 
 
 class AuditMiddleware:
@@ -50,7 +66,7 @@ class AuditMiddleware:
         sample: float | None = None,
         rules: Iterable[Rule] | None = None,
         memory_limit: int | str | None = None,
-        body_limit: int | str | None = None,
+        body_limit: int | str | _Default | None = DEFAULT,
         over_limit: str | None = None,
         overflow: str | None = None,
         spill_dir: str | os.PathLike[str] | None = None,
@@ -71,7 +87,7 @@ class AuditMiddleware:
             "sample": sample,
             "rules": None if rules is None else list(rules),
             "memory_limit": memory_limit,
-            "body_limit": body_limit,
+            "body_limit": _body_limit_argument(body_limit),
             "over_limit": over_limit,
             "overflow": overflow,
             "spill_dir": spill_dir,
@@ -394,8 +410,13 @@ class _Capture:
         response_body = self._close(
             self.resp, self.response_complete, level >= Level.REQUEST_RESPONSE
         )
-        if self.sent_path is not None and level >= Level.REQUEST_RESPONSE:
-            response_body = Body.from_path(self.sent_path)
+        response_size = self.resp.size if self.resp is not None else 0
+        if self.sent_path is not None:
+            sent = Body.from_path(self.sent_path)
+            with contextlib.suppress(OSError):  # gone already: the size stays unknown (0)
+                response_size = sent.file_size()
+            if level >= Level.REQUEST_RESPONSE:
+                response_body = sent
         record_id = new_record_id()
         client = scope.get("client")
         return Exchange(
@@ -421,7 +442,7 @@ class _Capture:
             request_body=request_body,
             response_body=response_body,
             request_size=self.req.size if self.req is not None else 0,
-            response_size=self.resp.size if self.resp is not None else 0,
+            response_size=response_size,
             outcome=outcome,
             error=error,
             correlation_id=correlation or record_id,
