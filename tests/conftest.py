@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 
 import pytest
 
 from asgi_audit import MemoryRecorder
+from asgi_audit.spill import executor
 
 
 @pytest.fixture(autouse=True)
@@ -25,3 +27,15 @@ def recorder() -> Iterator[MemoryRecorder]:
     yield rec
     for exchange in rec.take_all():
         exchange.discard()
+
+
+@pytest.fixture
+def held_worker() -> Iterator[threading.Event]:
+    """Hold the shared spill worker until the event is set (always released at the end)."""
+    event = threading.Event()
+    blocker = executor().submit(event.wait, 30)
+    try:
+        yield event
+    finally:
+        event.set()
+        blocker.result(timeout=30)

@@ -10,7 +10,7 @@ import random
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -929,18 +929,6 @@ def test_cancelled_exchange_is_handed_off_and_not_complete(overflow: str) -> Non
 
 
 # --- a failing spill worker never reaches the app -------------------------------------------
-
-
-@pytest.fixture
-def held_worker() -> Iterator[threading.Event]:
-    """Hold the shared spill worker until the event is set (always released at the end)."""
-    event = threading.Event()
-    blocker = executor().submit(event.wait, 30)
-    try:
-        yield event
-    finally:
-        event.set()
-        blocker.result(timeout=30)
 
 
 @pytest.mark.timeout(30)

@@ -220,8 +220,8 @@ def _without_date(headers: httpx.Headers) -> list[tuple[str, str]]:
 # -- 1. realistic JSON and raw bytes, with and without the middleware --------------------
 
 
-def _orders_app() -> FastAPI:
-    app = FastAPI()
+def _add_order_route(app: FastAPI) -> None:
+    """POST /orders/{order_id}: validates an Order with pydantic and answers a Receipt."""
 
     @app.post("/orders/{order_id}", response_model=Receipt)
     async def create_order(order_id: int, order: Order) -> Receipt:
@@ -233,6 +233,11 @@ def _orders_app() -> FastAPI:
             total=total,
             items=order.items,
         )
+
+
+def _orders_app() -> FastAPI:
+    app = FastAPI()
+    _add_order_route(app)
 
     raw = APIRouter()
 
@@ -571,17 +576,7 @@ def test_client_disconnects_mid_upload_and_mid_download_are_recorded_as_such(
     cap = 16 * KiB  # 1 GiB of 64 KiB chunks: the stream ends even if nobody stops it
 
     app = FastAPI()
-
-    @app.post("/orders/{order_id}", response_model=Receipt)
-    async def create_order(order_id: int, order: Order) -> Receipt:
-        total = sum((i.unit_price * i.quantity for i in order.items), Decimal(0))
-        return Receipt(
-            order_id=order_id,
-            customer_id=order.customer.id,
-            item_count=len(order.items),
-            total=total,
-            items=order.items,
-        )
+    _add_order_route(app)
 
     @app.post("/uploads/{name}")
     async def upload(name: str, request: Request) -> dict[str, int]:

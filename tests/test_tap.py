@@ -9,7 +9,6 @@ import os
 import random
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +30,6 @@ BATCH = 64 << 10
 def _drain_worker() -> None:
     """Wait until every job queued on the shared spill worker so far has run."""
     executor().submit(lambda: None).result(timeout=30)
-
-
-@pytest.fixture
-def gate() -> Iterator[threading.Event]:
-    """Hold the shared spill worker until the event is set (always released at the end)."""
-    event = threading.Event()
-    blocker = executor().submit(event.wait, 30)
-    try:
-        yield event
-    finally:
-        event.set()
-        blocker.result(timeout=30)
 
 
 @st.composite
@@ -175,7 +162,7 @@ def test_large_body_spills_to_a_file_and_discard_removes_it(tmp_path: Path) -> N
 
 
 def test_discard_before_the_worker_finishes_still_removes_the_file(
-    tmp_path: Path, gate: threading.Event
+    tmp_path: Path, held_worker: threading.Event
 ) -> None:
     """discard() while batches are still queued removes the spill file once they have run."""
     data = os.urandom(2 * BATCH)
@@ -184,7 +171,7 @@ def test_discard_before_the_worker_finishes_still_removes_the_file(
     body = tap.close(complete=True)
     assert body is not None
     body.discard()
-    gate.set()
+    held_worker.set()
     _drain_worker()
     assert list(tmp_path.iterdir()) == []
 
@@ -252,7 +239,7 @@ def _backlogged_tap(tmp_path: Path) -> tuple[BodyTap, bytes]:
 
 
 def test_catch_up_waits_for_the_worker_without_blocking_the_loop(
-    tmp_path: Path, gate: threading.Event
+    tmp_path: Path, held_worker: threading.Event
 ) -> None:
     """A backlogged tap's catch_up() suspends only its caller until the worker catches up."""
     tap, data = _backlogged_tap(tmp_path)
@@ -264,7 +251,7 @@ def test_catch_up_waits_for_the_worker_without_blocking_the_loop(
             await asyncio.sleep(0)
             ticks += 1
         assert not waiting.done()
-        gate.set()
+        held_worker.set()
         await asyncio.wait_for(waiting, 30)
         return ticks
 
@@ -277,7 +264,7 @@ def test_catch_up_waits_for_the_worker_without_blocking_the_loop(
     body.discard()
 
 
-def test_cancelled_catch_up_loses_no_batch(tmp_path: Path, gate: threading.Event) -> None:
+def test_cancelled_catch_up_loses_no_batch(tmp_path: Path, held_worker: threading.Event) -> None:
     """Cancelling a task waiting in catch_up() leaves the queued batches to be hashed and kept."""
     tap, data = _backlogged_tap(tmp_path)
 
@@ -289,7 +276,7 @@ def test_cancelled_catch_up_loses_no_batch(tmp_path: Path, gate: threading.Event
             await waiting
 
     asyncio.run(main())
-    gate.set()
+    held_worker.set()
     body = tap.close(complete=False)
     assert body is not None
     assert body.read() == data
