@@ -105,18 +105,71 @@ def test_unknown_environment_variable_suggests_the_right_one() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "environ", "parameter"),
     [
-        ({"sink": "sqlite:///audit.db"}, {}, "sink"),
-        ({"spool": "/tmp/spool"}, {}, "spool"),
-        ({}, {"ASGI_AUDIT_SINK": "sqlite:///audit.db"}, "ASGI_AUDIT_SINK"),
+        ({"sink": "postgresql://localhost/audit"}, {}, "sink"),
+        ({}, {"ASGI_AUDIT_SINK": "s3://bucket/prefix"}, "ASGI_AUDIT_SINK"),
     ],
 )
-def test_options_not_available_yet_fail_clearly(
+def test_stores_not_available_yet_fail_clearly(
     kwargs: dict[str, Any], environ: dict[str, str], parameter: str
 ) -> None:
-    """Documented options that this version lacks raise instead of being ignored."""
+    """Documented stores that this version lacks raise instead of being ignored."""
     with pytest.raises(NotSupportedError) as caught:
         AuditMiddleware(_app, environ=environ, **kwargs)
     assert caught.value.parameter == parameter
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "environ", "parameter", "message"),
+    [
+        ({"sink": "audit.db"}, {}, "sink", "expected a URL"),
+        ({"sink": "mysql://x/y"}, {}, "sink", "unknown kind of store 'mysql'"),
+        ({}, {"ASGI_AUDIT_SINK": "ftp://x"}, "ASGI_AUDIT_SINK", "known: sqlite://"),
+        ({"ship": "sidecar"}, {}, "ship", "'process', 'thread', 'off'"),
+        ({"fsync": "sometimes"}, {}, "fsync", "'always', 'batch', 'off'"),
+        ({"redact_headers": ["bad header"]}, {}, "redact_headers", "not a header name"),
+        ({"shutdown_timeout": -1}, {}, "shutdown_timeout", "non-negative"),
+        ({}, {"ASGI_AUDIT_SHUTDOWN_TIMEOUT": "soon"}, "shutdown_timeout", "expected seconds"),
+    ],
+)
+def test_bad_delivery_settings_fail_clearly(
+    kwargs: dict[str, Any], environ: dict[str, str], parameter: str, message: str
+) -> None:
+    """Sink URL, shipping mode, fsync policy and redaction list are checked up front."""
+    with pytest.raises(ConfigError, match=message) as caught:
+        AuditMiddleware(_app, environ=environ, **kwargs)
+    assert caught.value.parameter == parameter
+
+
+def test_delivery_defaults_and_environment() -> None:
+    """Defaults: SQLite in the working directory, a local spool, a shipper child process,
+    batch fsync, the standard secret headers; all settable by environment."""
+    defaults = AuditMiddleware(_app, environ={}).settings
+    assert (defaults.sink, defaults.spool, defaults.ship, defaults.fsync) == (
+        "sqlite:///asgi-audit.db",
+        "asgi-audit-spool",
+        "process",
+        "batch",
+    )
+    assert "authorization" in defaults.redact_headers
+    configured = AuditMiddleware(
+        _app,
+        environ={
+            "ASGI_AUDIT_SINK": "jsonl:////var/audit",
+            "ASGI_AUDIT_SPOOL": "/var/spool/audit",
+            "ASGI_AUDIT_SHIP": "off",
+            "ASGI_AUDIT_FSYNC": "always",
+            "ASGI_AUDIT_REDACT_HEADERS": "",
+            "ASGI_AUDIT_SHUTDOWN_TIMEOUT": "5",
+        },
+    ).settings
+    assert (configured.sink, configured.spool, configured.ship, configured.fsync) == (
+        "jsonl:////var/audit",
+        "/var/spool/audit",
+        "off",
+        "always",
+    )
+    assert configured.redact_headers == ()
+    assert configured.shutdown_timeout == 5.0
 
 
 def test_recorder_must_be_a_recorder() -> None:

@@ -13,13 +13,18 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from .errors import ConfigError, NotSupportedError
 from .levels import Level
 from .policy import Policy, Rule, make_rule
 from .recorder import Overflow
+from .redact import DEFAULT_SECRET_HEADERS
+from .sinks import DEFAULT_SINK_URL, KNOWN_SCHEMES
 from .tap import OverLimit
+
+Ship = Literal["process", "thread", "off"]
+FsyncPolicy = Literal["always", "batch", "off"]
 
 ENV_PREFIX = "ASGI_AUDIT_"
 
@@ -42,13 +47,13 @@ _ENV_KEYS = {
     "service": "SERVICE",
     "sink": "SINK",
     "spool": "SPOOL",
+    "ship": "SHIP",
+    "fsync": "FSYNC",
+    "redact_headers": "REDACT_HEADERS",
+    "shutdown_timeout": "SHUTDOWN_TIMEOUT",
 }
-_LIST_KEYS = frozenset({"routes", "methods", "exclude", "statuses"})
-_NOT_YET = {
-    "sink": "the durable recorder and its sinks are not available in this version; "
-    "pass recorder=... (for example asgi_audit.MemoryRecorder())",
-    "spool": "the spool arrives with the durable recorder; it is not available in this version",
-}
+_LIST_KEYS = frozenset({"routes", "methods", "exclude", "statuses", "redact_headers"})
+DEFAULT_SPOOL = "asgi-audit-spool"
 _SIZE = re.compile(r"(\d+)\s*([kmg]i?b?|b)?", re.IGNORECASE)
 _UNITS = {
     "": 1,
@@ -79,15 +84,18 @@ class Settings:
     overflow: Overflow
     spill_dir: str | None
     service: str
+    sink: str
+    spool: str
+    ship: Ship
+    fsync: FsyncPolicy
+    redact_headers: tuple[str, ...]
+    shutdown_timeout: float
 
 
 def load_settings(arguments: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     """Merge ``arguments`` (None means "not given") over the environment and validate."""
     merged = _from_environment(environ)
     merged.update({k: v for k, v in arguments.items() if v is not None})
-    for key, why in _NOT_YET.items():
-        if key in merged:
-            raise NotSupportedError(_name(key, arguments), why)
     rules = merged.pop("rules", None)
     return Settings(
         policy=_policy(merged, rules),
@@ -102,11 +110,54 @@ def load_settings(arguments: Mapping[str, Any], environ: Mapping[str, str]) -> S
         ),
         spill_dir=_directory(merged.get("spill_dir")),
         service=_service(merged.get("service", "asgi")),
+        sink=_sink(merged.get("sink", DEFAULT_SINK_URL), _name("sink", arguments)),
+        spool=os.fspath(merged.get("spool", DEFAULT_SPOOL)),
+        ship=cast(
+            Ship, _choice(merged.get("ship", "process"), "ship", ("process", "thread", "off"))
+        ),
+        fsync=cast(
+            FsyncPolicy, _choice(merged.get("fsync", "batch"), "fsync", ("always", "batch", "off"))
+        ),
+        redact_headers=_header_names(merged.get("redact_headers", DEFAULT_SECRET_HEADERS)),
+        shutdown_timeout=_seconds(merged.get("shutdown_timeout", 20.0), "shutdown_timeout"),
     )
 
 
 def _name(key: str, arguments: Mapping[str, Any]) -> str:
     return key if arguments.get(key) is not None else ENV_PREFIX + _ENV_KEYS[key]
+
+
+def _sink(value: Any, parameter: str) -> str:
+    """Check the URL's form here; the store itself is opened by the shipper."""
+    if not isinstance(value, str) or "://" not in value:
+        raise ConfigError(parameter, f"expected a URL such as {DEFAULT_SINK_URL!r} (got {value!r})")
+    scheme = value.split("://", 1)[0].lower()
+    if scheme not in KNOWN_SCHEMES:
+        known = ", ".join(f"{s}://" for s in KNOWN_SCHEMES)
+        raise ConfigError(parameter, f"unknown kind of store {scheme!r}; known: {known}")
+    if scheme in ("postgresql", "s3"):
+        raise NotSupportedError(parameter, f"{scheme}:// stores arrive in a later version")
+    return value
+
+
+def _header_names(value: Any) -> tuple[str, ...]:
+    if value is False:
+        return ()
+    names = _list(value, "redact_headers")
+    for name in names:
+        if not isinstance(name, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            raise ConfigError("redact_headers", f"not a header name: {name!r}")
+    return tuple(name.lower() for name in names)
+
+
+def _seconds(value: Any, parameter: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(parameter, f"expected seconds (got {value!r})") from None
+    if seconds < 0 or isinstance(value, bool):
+        raise ConfigError(parameter, f"expected a non-negative number of seconds (got {value!r})")
+    return seconds
 
 
 def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import closing
 from typing import Any
 
 import httpx
@@ -23,8 +25,8 @@ from pydantic import BaseModel
 
 from .fastapi import audited
 from .middleware import AuditMiddleware
-from .record import Exchange
-from .recorder import MemoryRecorder
+from .sinks import DEFAULT_SINK_URL, Query, open_sink
+from .stored import StoredRecord
 
 
 class Line(BaseModel):
@@ -39,7 +41,7 @@ class Order(BaseModel):
     lines: list[Line]
 
 
-def build_app(recorder: MemoryRecorder) -> FastAPI:
+def build_app(sink: str, spool: str) -> FastAPI:
     """The demo shop: FastAPI with ``AuditMiddleware`` on its order routes."""
     app = FastAPI(title="demo-shop")
 
@@ -73,7 +75,8 @@ def build_app(recorder: MemoryRecorder) -> FastAPI:
         AuditMiddleware,
         routes=["/orders/{order_id}", "/upload"],
         exclude=["/health"],
-        recorder=recorder,
+        sink=sink,
+        spool=spool,
         service="demo-shop",
         environ={},
     )
@@ -105,89 +108,105 @@ def _free_port() -> int:
         return port
 
 
-def run_demo(echo: Callable[[str], None] = print) -> list[Exchange]:
-    """Serve, exercise, stop, and return (and print) the recorded exchanges."""
-    recorder = MemoryRecorder()
-    port = _free_port()
-    config = uvicorn.Config(
-        build_app(recorder), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="demo-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the demo server did not start")
-        time.sleep(0.02)
-    base = f"http://127.0.0.1:{port}"
-    echo(
-        f"demo shop listening on {base} (uvicorn, AuditMiddleware on /orders/{{order_id}}, "
-        "/upload and the @audited export)"
-    )
-    order = sample_order()
-    try:
-        with httpx.Client(base_url=base, timeout=30) as client:
-            calls = [
-                client.post(
-                    "/orders/7",
-                    content=order,
-                    headers={"content-type": "application/json", "x-request-id": "demo-order-7"},
-                ),
-                client.get("/orders/7"),
-                client.post("/upload", content=bytes(range(256)) * 64),
-                client.get("/health"),
-                client.get("/orders/not-a-number"),
-            ]
-            with client.stream("GET", "/exports/orders.ndjson") as streamed:
-                exported = sum(len(chunk) for chunk in streamed.iter_bytes())
-        for response in calls:
-            echo(
-                f"  {response.request.method:5} {response.request.url.path:28} -> "
-                f"{response.status_code} ({len(response.content):,} bytes)"
-            )
-        echo(f"  GET   /exports/orders.ndjson         -> 200 ({exported:,} bytes, streamed)")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-    exchanges = recorder.take_all()
+def run_demo(echo: Callable[[str], None] = print, sink: str | None = None) -> list[StoredRecord]:
+    """Serve, exercise, stop gracefully, then read back and print what the store holds."""
+    sink = sink or DEFAULT_SINK_URL
+    started = time.time_ns()
+    with tempfile.TemporaryDirectory(prefix="asgi-audit-demo-") as spool:
+        port = _free_port()
+        config = uvicorn.Config(
+            build_app(sink, spool),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="demo-uvicorn", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 15
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the demo server did not start")
+            time.sleep(0.02)
+        base = f"http://127.0.0.1:{port}"
+        echo(
+            f"demo shop on {base}: uvicorn with AuditMiddleware on /orders/{{order_id}}, "
+            f"/upload and the @audited export; store {sink}"
+        )
+        order = sample_order()
+        try:
+            _exercise(base, order, echo)
+        finally:
+            server.should_exit = True  # what SIGTERM does: lifespan shutdown drains the spool
+            thread.join(timeout=60)
+    with closing(open_sink(sink)) as store:
+        records = list(store.search(Query(since_ns=started, newest_first=False, limit=None)))
+        records = [r for r in records if r.service == "demo-shop"]
+        full = [store.get(r.id) for r in records]
+    shown = [r for r in full if r is not None]
     echo("")
-    echo(f"recorded {len(exchanges)} exchanges (GET /health is excluded):")
-    for exchange in exchanges:
-        echo(describe(exchange))
+    echo(f"recorded {len(shown)} exchanges in {sink} (GET /health is excluded):")
+    for record in shown:
+        echo(describe(record))
     sent = hashlib.sha256(order).hexdigest()
     stored = next(
-        (e for e in exchanges if e.method == "POST" and e.route == "/orders/{order_id}"), None
+        (r for r in shown if r.method == "POST" and r.route == "/orders/{order_id}"), None
     )
     if stored is not None and stored.request_body is not None:
-        same = stored.request_body.sha256() == sent
+        same = stored.request_body.sha256 == sent and stored.request_body.data == order
         echo(f"\nthe 1 MB order was stored byte for byte: {same} (sha256 {sent[:16]}…)")
-    for exchange in exchanges:
-        exchange.discard()
-    return exchanges
+    echo(f"look again with: asgi-audit ls --sink {sink}")
+    return shown
 
 
-def describe(exchange: Exchange) -> str:
-    """One line per exchange, then one per body: size, digest, and how it was kept."""
-    duration_ms = exchange.duration_ns / 1e6
+def _exercise(base: str, order: bytes, echo: Callable[[str], None]) -> None:
+    with httpx.Client(base_url=base, timeout=30) as client:
+        calls = [
+            client.post(
+                "/orders/7",
+                content=order,
+                headers={
+                    "content-type": "application/json",
+                    "x-request-id": "demo-order-7",
+                    "authorization": "Bearer demo-secret-token",
+                },
+            ),
+            client.get("/orders/7"),
+            client.post("/upload", content=bytes(range(256)) * 64),
+            client.get("/health"),
+            client.get("/orders/not-a-number"),
+        ]
+        with client.stream("GET", "/exports/orders.ndjson") as streamed:
+            exported = sum(len(chunk) for chunk in streamed.iter_bytes())
+    for response in calls:
+        echo(
+            f"  {response.request.method:5} {response.request.url.path:28} -> "
+            f"{response.status_code} ({len(response.content):,} bytes)"
+        )
+    echo(f"  GET   /exports/orders.ndjson         -> 200 ({exported:,} bytes, streamed)")
+
+
+def describe(record: StoredRecord) -> str:
+    """One line per record, then one per body: size, digest, and a preview."""
     lines = [
-        f"- {exchange.id}  {exchange.method} {exchange.path} route={exchange.route} "
-        f"status={exchange.status} {exchange.outcome} level={exchange.level.word} "
-        f"{duration_ms:.1f} ms correlation={exchange.correlation_id}"
+        f"- {record.id}  {record.method} {record.path} route={record.route} "
+        f"status={record.status} {record.outcome} level={record.level} "
+        f"{record.duration_ns / 1e6:.1f} ms correlation={record.correlation_id}"
     ]
+    if record.redacted_headers:
+        lines.append(f"    redacted headers: {', '.join(record.redacted_headers)}")
     for name, body, size in (
-        ("request ", exchange.request_body, exchange.request_size),
-        ("response", exchange.response_body, exchange.response_size),
+        ("request ", record.request_body, record.request_size),
+        ("response", record.response_body, record.response_size),
     ):
         if body is None:
-            lines.append(f"    {name} {size:,} bytes (not kept at {exchange.level.word})")
+            lines.append(f"    {name} {size:,} bytes (not kept at {record.level})")
             continue
         flags = " truncated" if body.truncated else ""
         flags += "" if body.complete else " incomplete"
-        lines.append(
-            f"    {name} {body.size:,} bytes sha256={body.sha256()[:16]}…{flags} "
-            f"{_preview(body.read()[:60])}"
-        )
+        preview = _preview((body.data or b"")[:60])
+        lines.append(f"    {name} {body.size:,} bytes sha256={body.sha256[:16]}…{flags} {preview}")
     return "\n".join(lines)
 
 

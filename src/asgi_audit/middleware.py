@@ -21,10 +21,11 @@ from typing import Any
 
 from ._types import ASGIApp, Headers, Message, Receive, Scope, Send
 from .config import Settings, check_routes, load_settings
+from .delivery import Delivery
 from .levels import Level
 from .policy import PENDING, Policy, Rule, _Pending
 from .record import Body, Exchange, Identity, Outcome, new_record_id
-from .recorder import MemoryRecorder, Recorder
+from .recorder import Recorder
 from .routes import TemplateResolver, declared_templates, route_path
 from .tap import BodyTap
 
@@ -74,6 +75,10 @@ class AuditMiddleware:
         recorder: Recorder | None = None,
         sink: str | None = None,
         spool: str | os.PathLike[str] | None = None,
+        ship: str | None = None,
+        fsync: str | None = None,
+        redact_headers: Iterable[str] | None = None,
+        shutdown_timeout: float | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.app = app
@@ -94,6 +99,10 @@ class AuditMiddleware:
             "service": service,
             "sink": sink,
             "spool": spool,
+            "ship": ship,
+            "fsync": fsync,
+            "redact_headers": None if redact_headers is None else list(redact_headers),
+            "shutdown_timeout": shutdown_timeout,
         }
         self.settings: Settings = load_settings(
             arguments, os.environ if environ is None else environ
@@ -103,7 +112,12 @@ class AuditMiddleware:
             check_routes(self.policy, declared_templates(app))
         if recorder is not None and not isinstance(recorder, Recorder):
             raise TypeError(f"recorder: expected a Recorder (got {type(recorder).__name__})")
-        self.recorder: Recorder = recorder if recorder is not None else MemoryRecorder()
+        self.delivery: Delivery | None = None
+        if recorder is None:
+            self.delivery = Delivery(self.settings, lambda: self.identity().stream)
+            recorder = self.delivery.recorder
+        self.recorder: Recorder = recorder
+        self.in_flight = 0
         self.resolver = TemplateResolver()
         self.dropped = 0
         self.failures = 0
@@ -113,6 +127,8 @@ class AuditMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan" and self.delivery is not None:
+                send = self._lifespan_send(send)
             await self.app(scope, receive, send)
             return
         root = scope.get("root_path", "")
@@ -122,6 +138,36 @@ class AuditMiddleware:
             await self.app(scope, receive, send)
             return
         await _Capture(self, scope, receive, send, decision, root, path).run()
+
+    def _lifespan_send(self, send: Send) -> Send:
+        """Drain before the server hears that shutdown is complete."""
+
+        async def lifespan_send(message: Message) -> None:
+            kind = message["type"]
+            if kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self.shutdown()
+            elif kind == "lifespan.startup.complete" and self.delivery is not None:
+                try:
+                    self.delivery.adopt_leftovers()
+                except Exception:
+                    logger.warning("asgi-audit: could not start shipping leftovers", exc_info=True)
+            await send(message)
+
+        return lifespan_send
+
+    async def shutdown(self) -> None:
+        """Wait (bounded) for audited exchanges still running, drain the queue into the
+        spool, and give the shipper the rest of ``shutdown_timeout``."""
+        if self.delivery is None:
+            return
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        while self.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110 - bounded poll
+            await asyncio.sleep(0.01)
+        remaining = max(0.0, deadline - time.monotonic())
+        try:
+            await asyncio.to_thread(self.delivery.shutdown_now, remaining)
+        except Exception:
+            logger.warning("asgi-audit: shutdown drain failed", exc_info=True)
 
     def identity(self) -> Identity:
         """This process's identity; renewed after a fork so each worker has its stream."""
@@ -257,6 +303,13 @@ class _Capture:
         )
 
     async def run(self) -> None:
+        self.mw.in_flight += 1
+        try:
+            await self._run()
+        finally:
+            self.mw.in_flight -= 1
+
+    async def _run(self) -> None:
         try:
             await self.mw.app(self.scope, self.receive, self.send)
         except Exception as exc:

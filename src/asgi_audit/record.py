@@ -9,6 +9,7 @@ loop: in the recorder thread or the shipper.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import threading
@@ -88,6 +89,13 @@ class Body:
             digest = self._job.last.result()
             if digest is not None:
                 self._digest = digest
+
+    def known_sha256(self) -> str | None:
+        """The digest if it is already computed (spilled bodies), without hashing now;
+        waits for the spill worker, so call it off the loop."""
+        if self._job is not None:
+            self._wait()
+        return self._digest
 
     def sha256(self) -> str:
         """Lowercase hex SHA-256 of the whole stream (blocking: call it off the loop)."""
@@ -268,6 +276,8 @@ class _UUID7:
 
 new_record_id = _UUID7()
 
+_streams = itertools.count(1)
+
 
 @dataclass(frozen=True, slots=True)
 class Identity:
@@ -281,11 +291,13 @@ class Identity:
 
     @classmethod
     def current(cls, service: str) -> Identity:
-        """Identity of this process; the stream id changes with the pid (after a fork)."""
+        """Identity of one recorder in this process. The stream id names the service, the
+        pod (or host), the pid and the start time, plus a counter so that two middlewares
+        started in the same millisecond of one process never share a stream."""
         pod = os.environ.get("POD_NAME") or None
         namespace = os.environ.get("POD_NAMESPACE") or None
         node = os.environ.get("NODE_NAME") or None
         host = pod or os.uname().nodename
         started = time.time_ns() // 1_000_000
-        stream = f"{service}.{host}.{os.getpid()}.{started}"
+        stream = f"{service}.{host}.{os.getpid()}.{started}.{next(_streams)}"
         return cls(service, pod, namespace, node, stream)

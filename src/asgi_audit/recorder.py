@@ -87,7 +87,7 @@ class MemoryRecorder:
         self._refused = False
 
     def try_submit(self, exchange: Exchange, *, force: bool = False) -> bool:
-        weight = _weight(exchange)
+        weight = memory_weight(exchange)
         with self._lock:
             full = len(self._queue) >= self.max_records or (
                 self._queue and self._bytes + weight > self.max_bytes
@@ -136,7 +136,7 @@ class MemoryRecorder:
         return len(self._queue)
 
 
-def _weight(exchange: Exchange) -> int:
+def memory_weight(exchange: Exchange) -> int:
     """Bytes an exchange holds in memory: its in-memory bodies (spilled ones count 0)."""
     total = 0
     for body in (exchange.request_body, exchange.response_body):

@@ -1,0 +1,79 @@
+"""Pieces the stores share: one reading of a :class:`Query`, and one way to make directories.
+
+Stores that filter in Python (memory, jsonl) use :func:`matches` and :func:`order_key` so
+they answer a query exactly as the SQL store does; the contract suite holds them to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..stored import StoredRecord
+from .base import Query
+
+
+def matches(query: Query, record: StoredRecord) -> bool:
+    """Whether ``record`` passes every filter of ``query`` (limit and order aside)."""
+    if query.since_ns is not None and record.started_at_ns < query.since_ns:
+        return False
+    if query.until_ns is not None and record.started_at_ns >= query.until_ns:
+        return False
+    if query.route is not None and record.route != query.route:
+        return False
+    if query.method is not None and record.method != query.method:
+        return False
+    if query.correlation_id is not None and record.correlation_id != query.correlation_id:
+        return False
+    if query.status_low is None and query.status_high is None:
+        return True
+    # A status filter never matches an exchange that has no status (no response started).
+    if record.status is None:
+        return False
+    if query.status_low is not None and record.status < query.status_low:
+        return False
+    return query.status_high is None or record.status <= query.status_high
+
+
+def order_key(record: StoredRecord) -> tuple[int, str]:
+    """The one order every reader uses: start time, then id to break ties stably."""
+    return (record.started_at_ns, record.id)
+
+
+def without_bodies(record: StoredRecord) -> StoredRecord:
+    """The record with body bytes left out, as listings return it (sizes and digests kept)."""
+    changes = {
+        name: dataclasses.replace(body, data=None)
+        for name in ("request_body", "response_body")
+        if (body := getattr(record, name)) is not None
+    }
+    return dataclasses.replace(record, **changes) if changes else record
+
+
+def ensure_directory(directory: Path) -> None:
+    """Create ``directory`` (and parents) now, so a bad path fails at start-up, not at ship."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            "sink", f"cannot create directory {os.fspath(directory)!r}: {exc.strerror or exc}"
+        ) from exc
+
+
+def dumps_json(value: object) -> str:
+    """Compact JSON, readable non-ASCII, yet never failing on a lone surrogate.
+
+    Text reaching a store is latin-1 headers and server-decoded paths, so surrogates should
+    not occur; if one does, the record is escaped to ASCII rather than refused, since a
+    record the store refuses would be retried forever and hold up its whole stream.
+    """
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(value, separators=(",", ":"))
+    return text

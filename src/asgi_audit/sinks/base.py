@@ -1,0 +1,75 @@
+"""The two small protocols every store implements: ``Sink`` (write) and ``Reader`` (query).
+
+A sink receives batches of :class:`~asgi_audit.stored.StoredRecord` from the shipper.
+``write_batch`` must be idempotent by record id (delivery is at least once: a batch may
+arrive again after a crash or a retry, and the store must end up with one copy) and must
+return only once the batch is durable in the store; raising means "not stored, retry".
+A reader answers the CLI's queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from ..stored import StoredRecord
+
+
+class SinkError(Exception):
+    """The store could not take or give records right now (retry later)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Filters of ``asgi-audit ls`` and friends; None means "any"."""
+
+    since_ns: int | None = None
+    """Exchanges that started at or after this wall-clock time (ns since the epoch)."""
+    until_ns: int | None = None
+    """Exchanges that started before this time."""
+    route: str | None = None
+    method: str | None = None
+    status_low: int | None = None
+    status_high: int | None = None
+    """Inclusive status range (``4xx`` is 400..499)."""
+    correlation_id: str | None = None
+    limit: int | None = 100
+    newest_first: bool = True
+    with_bodies: bool = False
+    """When False, results carry bodies with ``data=None`` (sizes, digests and flags kept),
+    so a listing never loads megabytes of body; :meth:`Reader.get` returns the bytes."""
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where the shipper delivers records."""
+
+    def write_batch(self, records: Sequence[StoredRecord]) -> None:
+        """Store ``records`` durably; a record whose id is already stored is skipped."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """Queries over a store, used by the CLI, exports and verification."""
+
+    def search(self, query: Query) -> Iterator[StoredRecord]:
+        """Records matching ``query``, ordered by start time (then id)."""
+        ...
+
+    def get(self, record_id: str) -> StoredRecord | None:
+        """One record with its bodies, or None."""
+        ...
+
+    def count(self) -> int:
+        """How many records the store holds."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files."""
+        ...

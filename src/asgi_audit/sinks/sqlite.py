@@ -1,0 +1,296 @@
+"""``sqlite:///path.db``: the embedded default store, one row per exchange.
+
+Durability: WAL journal with ``synchronous=FULL``. The shipper advances its spool
+checkpoint as soon as ``write_batch`` returns, so a commit must already be on disk then.
+In WAL mode ``synchronous=NORMAL`` only syncs the WAL at checkpoints: a power cut (not a
+process crash) can roll back the last commits after they were acknowledged, and the spool
+would no longer hold them. FULL syncs the WAL at every commit; the shipper commits one
+transaction per batch, so that is one fsync per batch, not per record.
+
+Concurrency: the shipper writes from one thread while the CLI or viewer read from other
+processes; WAL lets readers proceed during a write, and ``busy_timeout`` makes a second
+writer wait instead of failing at once. One connection per instance, shared between
+threads under a lock.
+
+Layout: the indexed columns copy what queries filter and sort on; the ``metadata`` column
+holds the whole record (:meth:`StoredRecord.metadata`) as JSON and is the source of truth
+when reading back; the body columns hold the stored bytes exactly, last in the row so that
+listings never read their overflow pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..stored import StoredRecord
+from ._common import dumps_json, ensure_directory
+from .base import Query, SinkError
+
+STORE_SCHEMA_VERSION = 1
+"""Version of the table layout below (not of the record schema, which the JSON carries)."""
+
+BUSY_TIMEOUT_MS = 10_000
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS schema_version (
+        version INTEGER PRIMARY KEY,
+        applied_at_ns INTEGER NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS records (
+        id TEXT PRIMARY KEY,
+        stream TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        started_at_ns INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        route TEXT,
+        path TEXT NOT NULL,
+        status INTEGER,
+        outcome TEXT NOT NULL,
+        correlation_id TEXT NOT NULL,
+        trace_id TEXT,
+        service TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        request_body BLOB,
+        response_body BLOB
+    )
+    """,
+    # Listings walk time order; the other filters are the ones `ls` offers, and
+    # (stream, seq) is how verification walks a hash chain.
+    "CREATE INDEX IF NOT EXISTS records_started ON records (started_at_ns, id)",
+    "CREATE INDEX IF NOT EXISTS records_route ON records (route, started_at_ns, id)",
+    "CREATE INDEX IF NOT EXISTS records_status ON records (status, started_at_ns)",
+    "CREATE INDEX IF NOT EXISTS records_correlation ON records (correlation_id)",
+    "CREATE INDEX IF NOT EXISTS records_trace ON records (trace_id)",
+    "CREATE INDEX IF NOT EXISTS records_stream ON records (stream, seq)",
+)
+
+_INSERT = """
+    INSERT OR IGNORE INTO records (
+        id, stream, seq, started_at_ns, method, route, path, status, outcome,
+        correlation_id, trace_id, service, metadata, request_body, response_body
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+_PAGE_ROWS = 256
+_PAGE_ROWS_WITH_BODIES = 16
+"""Rows per read; bodies may be megabytes each, so those pages are kept short."""
+
+Row = tuple[Any, ...]
+
+
+class SqliteSink:
+    """Sink and Reader over one SQLite file (see the module docstring for the choices)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        ensure_directory(self.path.parent)
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = _connect(self.path)
+
+    def __repr__(self) -> str:
+        return f"SqliteSink({os.fspath(self.path)!r})"
+
+    def write_batch(self, records: Sequence[StoredRecord]) -> None:
+        rows = [_row(record) for record in records]
+        if not rows:
+            return
+        with self._lock:
+            connection = self._open_connection()
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.executemany(_INSERT, rows)
+                connection.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if connection.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        connection.execute("ROLLBACK")
+                raise SinkError(f"{self!r}: batch of {len(rows)} not stored: {exc}") from exc
+
+    def search(self, query: Query) -> Iterator[StoredRecord]:
+        self._open_connection()
+        return self._pages(query)
+
+    def get(self, record_id: str) -> StoredRecord | None:
+        row = self._fetch(
+            "SELECT metadata, request_body, response_body FROM records WHERE id = ?",
+            (record_id,),
+        )
+        return None if not row else _record(row[0])
+
+    def count(self) -> int:
+        rows = self._fetch("SELECT count(*) FROM records", ())
+        return int(rows[0][0])
+
+    def close(self) -> None:
+        with self._lock:
+            connection, self._connection = self._connection, None
+        if connection is not None:
+            # Recommended before closing: lets SQLite refresh statistics the planner uses.
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("PRAGMA optimize")
+            connection.close()
+
+    def _open_connection(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise SinkError(f"{self!r} is closed")
+        return self._connection
+
+    def _fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        with self._lock:
+            connection = self._open_connection()
+            try:
+                return connection.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise SinkError(f"{self!r}: query failed: {exc}") from exc
+
+    def _pages(self, query: Query) -> Iterator[StoredRecord]:
+        """Read in keyset pages so that no lock or read transaction spans the caller's loop."""
+        where, params = _where(query)
+        columns = "metadata, request_body, response_body" if query.with_bodies else "metadata"
+        order, after = ("DESC", "<") if query.newest_first else ("ASC", ">")
+        page_rows = _PAGE_ROWS_WITH_BODIES if query.with_bodies else _PAGE_ROWS
+        remaining = query.limit
+        last: tuple[int, str] | None = None
+        while remaining is None or remaining > 0:
+            conditions = list(where)
+            page_params = list(params)
+            if last is not None:
+                conditions.append(f"(started_at_ns, id) {after} (?, ?)")
+                page_params.extend(last)
+            size = page_rows if remaining is None else min(page_rows, remaining)
+            sql = (
+                f"SELECT started_at_ns, id, {columns} FROM records"
+                f"{' WHERE ' + ' AND '.join(conditions) if conditions else ''}"
+                f" ORDER BY started_at_ns {order}, id {order} LIMIT ?"
+            )
+            rows = self._fetch(sql, [*page_params, size])
+            for row in rows:
+                yield _record(row[2:])
+            if len(rows) < size:
+                return
+            last = (rows[-1][0], rows[-1][1])
+            if remaining is not None:
+                remaining -= len(rows)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        connection = sqlite3.connect(
+            path,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+    except sqlite3.Error as exc:
+        raise ConfigError("sink", f"cannot open SQLite file {os.fspath(path)!r}: {exc}") from exc
+    try:
+        connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise ConfigError(
+                "sink", f"SQLite file {os.fspath(path)!r} cannot use WAL (journal_mode={mode})"
+            )
+        connection.execute("PRAGMA synchronous = FULL")
+        # A batch of large bodies grows the WAL; give the space back after each checkpoint.
+        connection.execute("PRAGMA journal_size_limit = 67108864")
+        _create_schema(connection, path)
+    except sqlite3.Error as exc:
+        connection.close()
+        raise ConfigError("sink", f"cannot use SQLite file {os.fspath(path)!r}: {exc}") from exc
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _create_schema(connection: sqlite3.Connection, path: Path) -> None:
+    # IMMEDIATE: two processes opening a new file at once must not both create it.
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA:
+            connection.execute(statement)
+        found = connection.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        if found is None:
+            connection.execute(
+                "INSERT INTO schema_version (version, applied_at_ns) VALUES (?, ?)",
+                (STORE_SCHEMA_VERSION, time.time_ns()),
+            )
+        elif found > STORE_SCHEMA_VERSION:
+            raise ConfigError(
+                "sink",
+                f"SQLite file {os.fspath(path)!r} has layout version {found}, newer than "
+                f"this asgi-audit understands ({STORE_SCHEMA_VERSION}); upgrade asgi-audit",
+            )
+        connection.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            connection.execute("ROLLBACK")
+        raise
+
+
+def _where(query: Query) -> tuple[list[str], list[Any]]:
+    conditions: list[str] = []
+    params: list[Any] = []
+    for clause, value in (
+        ("started_at_ns >= ?", query.since_ns),
+        ("started_at_ns < ?", query.until_ns),
+        ("route = ?", query.route),
+        ("method = ?", query.method),
+        ("status >= ?", query.status_low),
+        ("status <= ?", query.status_high),
+        ("correlation_id = ?", query.correlation_id),
+    ):
+        if value is not None:
+            conditions.append(clause)
+            params.append(value)
+    return conditions, params
+
+
+def _text(value: str) -> str:
+    """SQLite text must be valid UTF-8; escape a lone surrogate in an index column."""
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _optional_text(value: str | None) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _row(record: StoredRecord) -> Row:
+    return (
+        record.id,
+        _text(record.stream),
+        record.seq,
+        record.started_at_ns,
+        _text(record.method),
+        _optional_text(record.route),
+        _text(record.path),
+        record.status,
+        _text(record.outcome),
+        _text(record.correlation_id),
+        _optional_text(record.trace_id),
+        _text(record.service),
+        dumps_json(record.metadata()),
+        None if record.request_body is None else record.request_body.data,
+        None if record.response_body is None else record.response_body.data,
+    )
+
+
+def _record(row: Sequence[Any]) -> StoredRecord:
+    metadata = json.loads(row[0])
+    if len(row) == 1:
+        return StoredRecord.from_metadata(metadata)
+    return StoredRecord.from_metadata(metadata, row[1], row[2])

@@ -1,0 +1,419 @@
+"""SpoolRecorder: the writer thread between the request path and the spool.
+
+The request path calls :meth:`SpoolRecorder.try_submit`: an append to a deque under a
+lock, nothing more. The writer thread wakes when a batch has gathered (by count or
+bytes), when asked to flush, or when the batch window (``interval``) has passed, takes
+everything queued, redacts and frames it, and appends it to the spool as one frame with
+one write; then syncs according to ``fsync``:
+
+* ``always``: every record is written and synced before it counts as acknowledged
+  (the writer is woken for each record);
+* ``batch`` (default): written at least every ``interval``, synced at most that often;
+  a SIGKILL loses at most what was still queued, a power loss at most one window;
+* ``off``: written, never synced (the kernel decides).
+
+The thread starts with the first record of each process (after a fork too), and never
+raises into the app: a failing write is retried, counted and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .codec import encode_frame
+from .config import FsyncPolicy
+from .record import Body, Exchange
+from .recorder import Overflow, RoomSignal, memory_weight
+from .redact import DEFAULT_SECRET_HEADERS, Step, header_redactor, run_pipeline
+from .spool import SegmentWriter, spool_bytes
+
+logger = logging.getLogger("asgi_audit.recorder")
+
+_MAX_FRAME_BYTES = 16 << 20
+
+Draft = tuple[bytes, list[bytes], list[bytes]]
+"""One record ready for a frame: encoded metadata, request chunks, response chunks."""
+
+
+class SpoolRecorder:
+    """Bounded queue, writer thread, spool segments: the durable ``Recorder``."""
+
+    def __init__(
+        self,
+        spool: str | os.PathLike[str],
+        *,
+        service: str = "asgi",
+        stream: Callable[[], str] | None = None,
+        fsync: FsyncPolicy = "batch",
+        interval: float = 0.05,
+        max_records: int = 10_000,
+        max_bytes: int = 64 << 20,
+        batch_records: int = 64,
+        batch_bytes: int = 8 << 20,
+        segment_bytes: int = 64 << 20,
+        segment_age: float = 60.0,
+        disk_cap: int | None = None,
+        overflow: Overflow = "block",
+        redact_headers: Iterable[str] = DEFAULT_SECRET_HEADERS,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
+        self.root = Path(spool)
+        self.service = service
+        self._stream_of = stream
+        self.fsync = fsync
+        self.interval = interval
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self.batch_records = batch_records
+        self.batch_bytes = batch_bytes
+        self.segment_bytes = segment_bytes
+        self.segment_age = segment_age
+        self.disk_cap = disk_cap
+        self.overflow = overflow
+        self.pipeline: list[Step] = [header_redactor(redact_headers)]
+        self._on_start = on_start
+        self.written = 0
+        self.dropped = 0
+        self.errors = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: deque[tuple[Exchange, int]] = deque()
+        self._bytes = 0
+        self._refused = False
+        self._closing = False
+        self._flush_asked = 0
+        self._flushed = 0
+        self._submitted = 0
+        self._thread: threading.Thread | None = None
+        self._room = RoomSignal()
+        self._writer: SegmentWriter | None = None
+        self._seq = 0
+        self.stream = ""
+
+    # -- the request path ------------------------------------------------------------
+
+    def try_submit(self, exchange: Exchange, *, force: bool = False) -> bool:
+        if self._pid != os.getpid():
+            self._start()
+        weight = memory_weight(exchange)
+        with self._lock:
+            if self._closing:
+                # Refused outright, not "full": nothing will make room again (an
+                # overflow="block" caller would wait for room forever).
+                raise RuntimeError("asgi-audit: the spool recorder is closed")
+            queued = len(self._queue)
+            if (
+                not force
+                and queued
+                and (queued >= self.max_records or self._bytes + weight > self.max_bytes)
+            ):
+                self._refused = True
+                return False
+            self._queue.append((exchange, weight))
+            self._bytes += weight
+            self._submitted += 1
+            if (
+                self.fsync == "always"
+                or queued + 1 >= self.batch_records
+                or self._bytes >= self.batch_bytes
+            ):
+                self._wake.notify()
+        return True
+
+    async def room(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:  # checked and registered together: a take is never missed
+            if not self._refused:
+                return
+            waiter = self._room.register(loop)
+        await waiter
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Start (or, in a forked child, restart) the writer for this process."""
+        with contextlib.suppress(Exception):
+            if self._thread is not None and self._pid == os.getpid():
+                return
+        self._reset()
+        pid = os.getpid()
+        # The start time keeps a reused pid (PID 1 in every container restart) from
+        # naming the stream of an earlier process, which the shipper may be adopting.
+        self.stream = (
+            self._stream_of() if self._stream_of else f"{self.service}.{pid}.{time.time_ns()}"
+        )
+        writer = SegmentWriter(
+            self.root, self.stream, segment_bytes=self.segment_bytes, segment_age=self.segment_age
+        )
+        try:
+            writer.open()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                writer.close()
+            raise  # _pid stays unset: the next exchange tries again instead of queueing
+        self._writer = writer
+        self._pid = pid
+        self._thread = threading.Thread(target=self._run, name="asgi-audit-recorder", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+        if self._on_start is not None:
+            try:
+                self._on_start()
+            except Exception:
+                logger.warning("asgi-audit: could not start the shipper", exc_info=True)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted so far is written (and synced unless ``off``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            if self._thread is None:
+                return True
+            target = self._submitted
+            self._flush_asked = max(self._flush_asked, target)
+            self._wake.notify()
+            while self._flushed < target:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._wake.wait(remaining)
+        return True
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Drain the queue into the spool, stop the thread, release the stream."""
+        if self._pid != os.getpid():
+            return True
+        with self._lock:
+            thread = self._thread
+            self._closing = True
+            self._wake.notify_all()
+        if thread is None:
+            return True
+        thread.join(timeout)
+        drained = not thread.is_alive()
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+        return drained
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        writer = self._writer
+        assert writer is not None
+        last_sync = time.monotonic()
+        unsynced = False
+        written = 0  # records written since the last sync: acknowledged once synced
+        try:
+            while True:
+                with self._lock:
+                    if not self._queue and not self._closing and self._flush_asked <= self._flushed:
+                        self._wake.wait(self.interval)
+                    batch = self._take()
+                    closing = self._closing and not self._queue
+                if batch:
+                    count = len(batch)  # _write may drop (clear) the batch: still taken
+                    try:
+                        self._write(writer, batch)
+                    except Exception:  # never let one batch stop the writer for good
+                        self.errors += 1
+                        logger.warning("asgi-audit: could not write a batch", exc_info=True)
+                        for exchange in batch:
+                            with contextlib.suppress(Exception):
+                                exchange.discard()
+                    unsynced = True
+                    written += count
+                now = time.monotonic()
+                if (
+                    unsynced
+                    and (
+                        self.fsync == "always"
+                        or closing
+                        or (self.fsync == "batch" and now - last_sync >= self.interval)
+                        or self._flush_asked > self._flushed
+                    )
+                    and self.fsync != "off"
+                ):
+                    self._sync(writer)
+                    last_sync, unsynced = now, False
+                if written and (not unsynced or self.fsync == "off"):
+                    self._acknowledge(written)
+                    written = 0
+                if closing:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+            with self._lock:
+                self._thread = None
+                self._flushed = self._submitted
+                self._wake.notify_all()
+
+    def _take(self) -> list[Exchange]:
+        taken: list[Exchange] = []
+        size = 0
+        while self._queue and (not taken or size < _MAX_FRAME_BYTES):
+            exchange, weight = self._queue.popleft()
+            self._bytes -= weight
+            size += weight
+            taken.append(exchange)
+        if taken and self._refused:
+            self._refused = False
+            self._room.notify_all()
+        return taken
+
+    def _acknowledge(self, count: int) -> None:
+        with self._lock:
+            self._flushed += count
+            if self._flush_asked and self._flushed >= self._flush_asked:
+                self._wake.notify_all()
+
+    def _write(self, writer: SegmentWriter, batch: list[Exchange]) -> None:
+        self._respect_disk_cap(batch)
+        records: list[Draft] = []
+        size = 0
+        for exchange in batch:
+            try:
+                draft = self._draft(exchange)
+            except Exception:
+                self.errors += 1
+                logger.warning("asgi-audit: could not encode a record", exc_info=True)
+                continue
+            records.append(draft)
+            size += sum(map(len, draft[1])) + sum(map(len, draft[2]))
+            # Spilled bodies weigh nothing in the queue but are read into memory here:
+            # bound the frame by the bytes it carries, not by the queue's weights.
+            if size >= _MAX_FRAME_BYTES:
+                self._append(writer, records)
+                records, size = [], 0
+        if records:
+            self._append(writer, records)
+        for exchange in batch:
+            exchange.discard()
+
+    def _append(self, writer: SegmentWriter, records: list[Draft]) -> None:
+        header, payload = encode_frame(records)
+        while True:
+            try:
+                writer.append(header, payload)
+                break
+            except OSError:
+                self.errors += 1
+                logger.warning("asgi-audit: spool write failed; retrying", exc_info=True)
+                time.sleep(min(1.0, self.interval * 4))
+        self.written += len(records)
+
+    def _respect_disk_cap(self, batch: list[Exchange]) -> None:
+        if self.disk_cap is None:
+            return
+        while spool_bytes(self.root) >= self.disk_cap:
+            if self.overflow == "drop":
+                self.dropped += len(batch)
+                logger.warning("asgi-audit: spool over its disk cap; dropping %d", len(batch))
+                for exchange in batch:
+                    exchange.discard()
+                batch.clear()
+                return
+            time.sleep(self.interval)
+
+    def _sync(self, writer: SegmentWriter) -> None:
+        try:
+            writer.sync()
+        except OSError:
+            self.errors += 1
+            logger.warning("asgi-audit: spool sync failed", exc_info=True)
+
+    def _draft(self, exchange: Exchange) -> Draft:
+        meta = exchange_metadata(exchange)
+        meta["seq"] = self._seq + 1
+        meta = run_pipeline(self.pipeline, meta)
+        # Encoded here, one record at a time: a record that cannot be encoded (a lone
+        # surrogate in a path) is skipped alone, and leaves no gap in ``seq``.
+        encoded = orjson.dumps(meta)
+        request = _stored_chunks(exchange.request_body)
+        response = _stored_chunks(exchange.response_body)
+        self._seq += 1
+        return encoded, request, response
+
+
+def _stored_chunks(body: Body | None) -> list[bytes]:
+    if body is None or body.skipped or body.sent_path is not None:
+        return []
+    return list(body.chunks())
+
+
+def _body_metadata(body: Body | None) -> dict[str, Any] | None:
+    if body is None:
+        return None
+    sent_path = body.sent_path
+    return {
+        "size": body.file_size() if sent_path is not None else body.size,
+        "sha256": body.known_sha256(),
+        "stored": not body.skipped and sent_path is None,
+        "truncated": body.truncated,
+        "skipped": body.skipped,
+        "complete": body.complete,
+        "sent_path": sent_path,
+    }
+
+
+def _headers(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in pairs]
+
+
+def exchange_metadata(exchange: Exchange) -> dict[str, Any]:
+    """The spool's metadata for one exchange (latin-1 header strings, ns integers)."""
+    client = exchange.client
+    return {
+        "schema": exchange.schema,
+        "id": exchange.id,
+        "stream": exchange.stream,
+        "level": exchange.level.word,
+        "method": exchange.method,
+        "scheme": exchange.scheme,
+        "host": exchange.host,
+        "path": exchange.path,
+        "query": exchange.query.decode("latin-1"),
+        "http_version": exchange.http_version,
+        "route": exchange.route,
+        "client_host": client[0] if client else None,
+        "client_port": client[1] if client else None,
+        "started_at_ns": exchange.started_at_ns,
+        "response_started_at_ns": exchange.response_started_at_ns,
+        "duration_ns": exchange.duration_ns,
+        "status": exchange.status,
+        "outcome": exchange.outcome,
+        "error": exchange.error,
+        "correlation_id": exchange.correlation_id,
+        "trace_id": exchange.trace_id,
+        "service": exchange.service,
+        "pod": exchange.pod,
+        "namespace": exchange.namespace,
+        "node": exchange.node,
+        "request_headers": _headers(exchange.request_headers),
+        "response_headers": _headers(exchange.response_headers),
+        "response_trailers": _headers(exchange.response_trailers),
+        "redacted_headers": [],
+        "request_size": exchange.request_size,
+        "response_size": exchange.response_size,
+        "request_body": _body_metadata(exchange.request_body),
+        "response_body": _body_metadata(exchange.response_body),
+    }

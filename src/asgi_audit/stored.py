@@ -1,0 +1,130 @@
+"""The record as stored: what sinks write and readers give back.
+
+An :class:`Exchange` lives on the event loop and holds references; a ``StoredRecord`` is
+its settled form: plain metadata (JSON-friendly: headers as latin-1 strings, times as
+integers of nanoseconds), the digests, and the stored body bytes. The shipper builds it
+from the spool; every sink stores it and every reader returns it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+HeaderList = list[tuple[str, str]]
+
+
+@dataclass(slots=True)
+class StoredBody:
+    """One body as stored: its true size and digest, and the bytes kept (maybe fewer)."""
+
+    size: int
+    sha256: str
+    data: bytes | None
+    truncated: bool = False
+    complete: bool = True
+    sent_path: str | None = None
+
+    @property
+    def stored_size(self) -> int:
+        return 0 if self.data is None else len(self.data)
+
+
+@dataclass(slots=True)
+class StoredRecord:
+    """One audited exchange, as kept by a sink. Field names are the schema (version 1)."""
+
+    id: str
+    stream: str
+    seq: int
+    level: str
+    method: str
+    scheme: str
+    host: str
+    path: str
+    query: str
+    http_version: str
+    route: str | None
+    client_host: str | None
+    client_port: int | None
+    started_at_ns: int
+    response_started_at_ns: int | None
+    duration_ns: int
+    status: int | None
+    outcome: str
+    error: str | None
+    correlation_id: str
+    trace_id: str | None
+    service: str
+    pod: str | None
+    namespace: str | None
+    node: str | None
+    request_headers: HeaderList = field(default_factory=list)
+    response_headers: HeaderList = field(default_factory=list)
+    response_trailers: HeaderList = field(default_factory=list)
+    redacted_headers: list[str] = field(default_factory=list)
+    request_size: int = 0
+    response_size: int = 0
+    request_body: StoredBody | None = None
+    response_body: StoredBody | None = None
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def started_at(self) -> datetime:
+        """Wall-clock start of the exchange, as an aware UTC datetime."""
+        return datetime.fromtimestamp(self.started_at_ns / 1e9, tz=UTC)
+
+    def metadata(self) -> dict[str, Any]:
+        """Every field but the body bytes, JSON-friendly (what indexes and listings use)."""
+        meta: dict[str, Any] = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, StoredBody):
+                value = body_metadata(value)
+            meta[item.name] = value
+        return meta
+
+    @classmethod
+    def from_metadata(
+        cls,
+        meta: dict[str, Any],
+        request_data: bytes | None = None,
+        response_data: bytes | None = None,
+    ) -> StoredRecord:
+        """Rebuild a record from :meth:`metadata` output and the body bytes."""
+        values = dict(meta)
+        for name in ("request_headers", "response_headers", "response_trailers"):
+            values[name] = [(str(k), str(v)) for k, v in values.get(name) or []]
+        for name, data in (("request_body", request_data), ("response_body", response_data)):
+            body = values.get(name)
+            values[name] = (
+                None
+                if body is None
+                else StoredBody(
+                    size=body["size"],
+                    sha256=body["sha256"],
+                    data=data if body["stored"] else None,
+                    truncated=body["truncated"],
+                    complete=body["complete"],
+                    sent_path=body.get("sent_path"),
+                )
+            )
+        known = {item.name for item in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def body_metadata(body: StoredBody) -> dict[str, Any]:
+    """A body's description without its bytes."""
+    return {
+        "size": body.size,
+        "sha256": body.sha256,
+        "stored": body.data is not None,
+        "stored_size": body.stored_size,
+        "truncated": body.truncated,
+        "complete": body.complete,
+        "sent_path": body.sent_path,
+    }

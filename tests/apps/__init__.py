@@ -1,0 +1,1 @@
+"""ASGI apps that the process-level tests serve with a real uvicorn."""
