@@ -193,3 +193,14 @@ def test_body_limit_none_means_no_limit() -> None:
     assert AuditMiddleware(_app, environ={}).settings.body_limit == 64 << 20
     from_env = AuditMiddleware(_app, environ={"ASGI_AUDIT_BODY_LIMIT": "1KiB"})
     assert from_env.settings.body_limit == 1024
+
+
+def test_spool_limit_reaches_the_recorder(tmp_path: Any) -> None:
+    """spool_limit caps the spool's disk use (the recorder's disk cap); unlimited by default."""
+    assert AuditMiddleware(_app, environ={}).settings.spool_limit is None
+    middleware = AuditMiddleware(_app, spool=str(tmp_path), spool_limit="1GiB", environ={})
+    assert middleware.delivery is not None
+    assert middleware.delivery.recorder.disk_cap == 1 << 30
+    with pytest.raises(ConfigError) as caught:
+        AuditMiddleware(_app, environ={"ASGI_AUDIT_SPOOL_LIMIT": "-3"})
+    assert caught.value.parameter == "spool_limit"

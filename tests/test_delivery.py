@@ -19,7 +19,7 @@ from asgi_audit.sinks import Query, open_sink
 from asgi_audit.sinks.memory import MemorySink
 from asgi_audit.spool import streams
 from asgi_audit.stored import StoredRecord
-from spooling import EchoApp, call, lifespan, request_data, spooled, threads_named
+from spooling import EchoApp, call, lifespan, request_data, spooled, threads_named, wait_until
 
 DATA = [b"%d:" % i + bytes([i]) * (i * 997) for i in range(10)]
 
@@ -150,3 +150,31 @@ def test_ship_process_delivers_by_shutdown(tmp_path: Path) -> None:
     assert mw.delivery is not None and mw.delivery._process is None
     check(records_of(url), DATA)
     assert list(streams(tmp_path / "spool")) == []
+
+
+def test_a_worker_takes_over_shipping_when_the_shipper_goes(tmp_path: Path) -> None:
+    """Two workers on one spool: one child ships, the other stands by; when the shipping
+    worker stops, the other's periodic check starts a new child and its records arrive."""
+    from asgi_audit.shipper import ShipperLock
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    first, second = audited(tmp_path, sink=url), audited(tmp_path, sink=url)
+    assert first.delivery is not None and second.delivery is not None
+
+    async def serve(mw: AuditMiddleware, bodies: list[bytes]) -> None:
+        for body in bodies:
+            await call(mw, body)
+
+    asyncio.run(serve(first, DATA[:1]))
+    lock = ShipperLock(tmp_path / "spool")
+    assert wait_until(lock.held_elsewhere)
+    asyncio.run(serve(second, DATA[1:]))
+    standby = second.delivery._process
+    assert standby is not None
+    assert standby.process is None or standby.process.wait(30) == 0  # found the lock taken
+    assert first.delivery.shutdown_now(60)
+    assert not lock.held_elsewhere()
+    second.delivery._keep_shipper()
+    assert wait_until(lambda: len(records_of(url)) == len(DATA), timeout=60)
+    assert second.delivery.shutdown_now(60)
+    check(records_of(url), DATA)

@@ -398,6 +398,7 @@ def spool_status(spool: str) -> None:
 @spool_option
 @sink_option
 @click.option("--once", is_flag=True, help="Deliver what is there now, then exit.")
+@click.option("--keep-delivered", is_flag=True, help="Keep delivered segments (default: delete).")
 @click.option(
     "--drain-seconds",
     default=20.0,
@@ -405,7 +406,7 @@ def spool_status(spool: str) -> None:
     type=click.FloatRange(min=0),
     help="On SIGTERM, keep delivering this long before exiting.",
 )
-def ship(spool: str, sink: str, once: bool, drain_seconds: float) -> None:
+def ship(spool: str, sink: str, once: bool, keep_delivered: bool, drain_seconds: float) -> None:
     """Deliver a spool to a store (a sidecar sharing the spool volume)."""
     import logging
 
@@ -417,7 +418,14 @@ def ship(spool: str, sink: str, once: bool, drain_seconds: float) -> None:
         open_sink(sink).close()
     except AuditError as exc:
         raise click.ClickException(str(exc)) from exc
-    code = serve(spool, sink, wait_for_lock=True, drain_seconds=drain_seconds, once=once)
+    code = serve(
+        spool,
+        sink,
+        wait_for_lock=True,
+        drain_seconds=drain_seconds,
+        once=once,
+        keep_delivered=keep_delivered,
+    )
     if code:
         raise SystemExit(code)
 

@@ -51,6 +51,7 @@ _ENV_KEYS = {
     "fsync": "FSYNC",
     "redact_headers": "REDACT_HEADERS",
     "shutdown_timeout": "SHUTDOWN_TIMEOUT",
+    "spool_limit": "SPOOL_LIMIT",
 }
 _LIST_KEYS = frozenset({"routes", "methods", "exclude", "statuses", "redact_headers"})
 DEFAULT_SPOOL = "asgi-audit-spool"
@@ -90,6 +91,7 @@ class Settings:
     fsync: FsyncPolicy
     redact_headers: tuple[str, ...]
     shutdown_timeout: float
+    spool_limit: int | None
 
 
 def load_settings(arguments: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
@@ -120,6 +122,7 @@ def load_settings(arguments: Mapping[str, Any], environ: Mapping[str, str]) -> S
         ),
         redact_headers=_header_names(merged.get("redact_headers", DEFAULT_SECRET_HEADERS)),
         shutdown_timeout=_seconds(merged.get("shutdown_timeout", 20.0), "shutdown_timeout"),
+        spool_limit=_optional_size(merged.get("spool_limit", "unlimited"), "spool_limit"),
     )
 
 

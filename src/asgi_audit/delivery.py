@@ -39,7 +39,9 @@ class Delivery:
             fsync=settings.fsync,
             overflow=settings.overflow,
             redact_headers=settings.redact_headers,
+            disk_cap=settings.spool_limit,
             on_start=self._start_shipper,
+            on_tick=self._keep_shipper,
         )
         self._process: ShipperProcess | None = None
         self._thread: ShipperThread | None = None
@@ -65,6 +67,22 @@ class Delivery:
             self._thread = ShipperThread(self.settings.spool, open_sink(self.settings.sink))
             self._thread.start()
         atexit.register(self.shutdown_now)
+
+    def _keep_shipper(self) -> None:
+        """From the writer thread, every few seconds: when this process's child shipper has
+        ended (it found another shipper's lock, and that shipper's process has since
+        died) and nobody holds the spool's lock, start a new child."""
+        process = self._process
+        if process is None or self._pid != os.getpid():
+            return
+        if process.process is not None:
+            if process.process.poll() is None:
+                return
+            if process.process.stdin is not None:
+                process.process.stdin.close()
+            process.process.wait()
+            process.process = None
+        process.start()
 
     def shutdown_now(self, timeout: float | None = None) -> bool:
         """Drain the queue into the spool, then give the shipper the rest of the time."""

@@ -79,6 +79,7 @@ class AuditMiddleware:
         fsync: str | None = None,
         redact_headers: Iterable[str] | None = None,
         shutdown_timeout: float | None = None,
+        spool_limit: int | str | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.app = app
@@ -103,6 +104,7 @@ class AuditMiddleware:
             "fsync": fsync,
             "redact_headers": None if redact_headers is None else list(redact_headers),
             "shutdown_timeout": shutdown_timeout,
+            "spool_limit": spool_limit,
         }
         self.settings: Settings = load_settings(
             arguments, os.environ if environ is None else environ

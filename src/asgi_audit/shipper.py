@@ -403,6 +403,7 @@ def serve(
     drain_seconds: float = 20.0,
     once: bool = False,
     stop_on_eof: bool = False,
+    keep_delivered: bool = False,
 ) -> int:
     """Ship a spool until told to stop (SIGTERM, SIGINT, or with ``stop_on_eof`` the end
     of stdin: how the parent of a child shipper asks, and what its death looks like).
@@ -426,7 +427,7 @@ def serve(
         if not wait_for_lock or stop.wait(1.0):
             return 0
     sink = open_sink(sink_url)
-    shipper = Shipper(spool, sink)
+    shipper = Shipper(spool, sink, keep_delivered=keep_delivered)
     try:
         if once:
             report = shipper.ship_once()

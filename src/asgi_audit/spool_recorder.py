@@ -68,6 +68,8 @@ class SpoolRecorder:
         overflow: Overflow = "block",
         redact_headers: Iterable[str] = DEFAULT_SECRET_HEADERS,
         on_start: Callable[[], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+        tick_seconds: float = 5.0,
     ) -> None:
         self.root = Path(spool)
         self.service = service
@@ -84,6 +86,8 @@ class SpoolRecorder:
         self.overflow = overflow
         self.pipeline: list[Step] = [header_redactor(redact_headers)]
         self._on_start = on_start
+        self._on_tick = on_tick
+        self.tick_seconds = tick_seconds
         self.written = 0
         self.dropped = 0
         self.errors = 0
@@ -219,7 +223,7 @@ class SpoolRecorder:
     def _run(self) -> None:
         writer = self._writer
         assert writer is not None
-        last_sync = time.monotonic()
+        last_sync = last_tick = time.monotonic()
         unsynced = False
         written = 0  # records written since the last sync: acknowledged once synced
         try:
@@ -257,6 +261,9 @@ class SpoolRecorder:
                 if written and (not unsynced or self.fsync == "off"):
                     self._acknowledge(written)
                     written = 0
+                if self._on_tick is not None and now - last_tick >= self.tick_seconds:
+                    last_tick = now
+                    self._tick()
                 if closing:
                     break
         finally:
@@ -266,6 +273,14 @@ class SpoolRecorder:
                 self._thread = None
                 self._flushed = self._submitted
                 self._wake.notify_all()
+
+    def _tick(self) -> None:
+        assert self._on_tick is not None
+        try:
+            self._on_tick()
+        except Exception:
+            self.errors += 1
+            logger.warning("asgi-audit: periodic check failed", exc_info=True)
 
     def _take(self) -> list[Exchange]:
         taken: list[Exchange] = []
