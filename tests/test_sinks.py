@@ -654,3 +654,23 @@ def test_scheme_is_case_insensitive(tmp_path: Path) -> None:
     """SQLITE:/// opens the same store as sqlite:///."""
     with contextlib.closing(open_sink(f"SQLITE:///{tmp_path / 'a.db'}")) as store:
         assert store.count() == 0
+
+
+def test_sqlite_compresses_bodies_that_shrink_and_returns_them_exactly(
+    sqlite_url: str, make: Records
+) -> None:
+    """JSON bodies are stored zstd-compressed, random ones as they are; both read back exact."""
+    json_body = json.dumps([{"sku": f"SKU-{i:06d}", "quantity": i % 7} for i in range(5000)])
+    noise = os.urandom(100_000)
+    record = make(request_body=body(json_body.encode()), response_body=body(noise))
+    with contextlib.closing(open_sink(sqlite_url)) as store:
+        store.write_batch([record])
+        assert store.get(record.id) == record
+    path = sqlite_url.removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        stored = raw.execute(
+            "SELECT request_encoding, length(request_body), response_encoding,"
+            " length(response_body) FROM records"
+        ).fetchone()
+    assert stored[0] == "zstd" and stored[1] * 5 < len(json_body)
+    assert stored[2] == "identity" and stored[3] == len(noise)

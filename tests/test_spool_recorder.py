@@ -427,6 +427,21 @@ def test_over_the_disk_cap_with_drop_counts_and_flush_returns(
     assert [r.request for r in spooled(tmp_path / "spool")] == [b"fits"]
 
 
+def test_over_the_disk_cap_with_block_waits_then_close_writes_anyway(
+    tmp_path: Path, recorders: list[SpoolRecorder]
+) -> None:
+    """Over disk_cap with overflow='block', the writer waits for room; close() does not
+    wait for a shipper that may never come: it writes past the cap and loses nothing."""
+    recorder = make(recorders, tmp_path / "spool", disk_cap=1, interval=0.01)
+    mw = audited(recorder)
+    run_all(mw, [b"fits"])
+    assert recorder.flush(timeout=20)
+    run_all(mw, [b"waits"])
+    assert not recorder.flush(timeout=0.3)  # held back by the cap
+    assert recorder.close(timeout=20)
+    assert [r.request for r in spooled(tmp_path / "spool")] == [b"fits", b"waits"]
+
+
 def test_frames_are_bounded_by_the_bytes_they_carry(
     tmp_path: Path, recorders: list[SpoolRecorder], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -340,6 +340,11 @@ class SpoolRecorder:
         if self.disk_cap is None:
             return
         while spool_bytes(self.root) >= self.disk_cap:
+            if self._closing and self.overflow == "block":
+                # Shutting down: writing past the cap loses nothing, waiting for the
+                # shipper to make room could outlast the shutdown deadline.
+                logger.warning("asgi-audit: spool over its disk cap at shutdown; writing anyway")
+                return
             if self.overflow == "drop":
                 self.dropped += len(batch)
                 logger.warning("asgi-audit: spool over its disk cap; dropping %d", len(batch))

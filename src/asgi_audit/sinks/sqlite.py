@@ -32,6 +32,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..stored import StoredRecord
+from . import bodycodec
 from ._common import dumps_json, ensure_directory
 from .base import Query, SinkError
 
@@ -63,7 +64,9 @@ _SCHEMA = (
         service TEXT NOT NULL,
         metadata TEXT NOT NULL,
         request_body BLOB,
-        response_body BLOB
+        response_body BLOB,
+        request_encoding TEXT NOT NULL DEFAULT 'identity',
+        response_encoding TEXT NOT NULL DEFAULT 'identity'
     )
     """,
     # Listings walk time order; the other filters are the ones `ls` offers, and
@@ -79,9 +82,12 @@ _SCHEMA = (
 _INSERT = """
     INSERT OR IGNORE INTO records (
         id, stream, seq, started_at_ns, method, route, path, status, outcome,
-        correlation_id, trace_id, service, metadata, request_body, response_body
-    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        correlation_id, trace_id, service, metadata, request_body, response_body,
+        request_encoding, response_encoding
+    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
+
+_BODY_COLUMNS = "metadata, request_body, response_body, request_encoding, response_encoding"
 
 _PAGE_ROWS = 256
 _PAGE_ROWS_WITH_BODIES = 16
@@ -124,7 +130,7 @@ class SqliteSink:
 
     def get(self, record_id: str) -> StoredRecord | None:
         row = self._fetch(
-            "SELECT metadata, request_body, response_body FROM records WHERE id = ?",
+            f"SELECT {_BODY_COLUMNS} FROM records WHERE id = ?",
             (record_id,),
         )
         return None if not row else _record(row[0])
@@ -158,7 +164,7 @@ class SqliteSink:
     def _pages(self, query: Query) -> Iterator[StoredRecord]:
         """Read in keyset pages so that no lock or read transaction spans the caller's loop."""
         where, params = _where(query)
-        columns = "metadata, request_body, response_body" if query.with_bodies else "metadata"
+        columns = _BODY_COLUMNS if query.with_bodies else "metadata"
         order, after = ("DESC", "<") if query.newest_first else ("ASC", ">")
         page_rows = _PAGE_ROWS_WITH_BODIES if query.with_bodies else _PAGE_ROWS
         remaining = query.limit
@@ -270,6 +276,12 @@ def _optional_text(value: str | None) -> str | None:
 
 
 def _row(record: StoredRecord) -> Row:
+    request, request_encoding = bodycodec.encode(
+        None if record.request_body is None else record.request_body.data
+    )
+    response, response_encoding = bodycodec.encode(
+        None if record.response_body is None else record.response_body.data
+    )
     return (
         record.id,
         _text(record.stream),
@@ -284,8 +296,10 @@ def _row(record: StoredRecord) -> Row:
         _optional_text(record.trace_id),
         _text(record.service),
         dumps_json(record.metadata()),
-        None if record.request_body is None else record.request_body.data,
-        None if record.response_body is None else record.response_body.data,
+        request,
+        response,
+        request_encoding,
+        response_encoding,
     )
 
 
@@ -293,4 +307,6 @@ def _record(row: Sequence[Any]) -> StoredRecord:
     metadata = json.loads(row[0])
     if len(row) == 1:
         return StoredRecord.from_metadata(metadata)
-    return StoredRecord.from_metadata(metadata, row[1], row[2])
+    return StoredRecord.from_metadata(
+        metadata, bodycodec.decode(row[1], row[3]), bodycodec.decode(row[2], row[4])
+    )

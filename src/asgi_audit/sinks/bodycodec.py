@@ -1,0 +1,60 @@
+"""How stores keep body bytes: zstd-compressed when that pays, always given back exactly.
+
+Audited bodies are mostly JSON, which zstd at level 1 shrinks about ninefold for about
+1.3 ms per MB; a store that writes a ninth of the bytes keeps up with far more exchanges
+(SQLite wrote ~68 MB/s of raw 1 MB bodies here). Compression runs where the store runs,
+in the shipper, away from the app. Bodies that do not shrink by a tenth (already
+compressed, random) are kept as they are. The encoding is stored beside the bytes, and
+the reader decompresses: what comes back is exactly what was captured.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal
+
+import zstandard
+
+Encoding = Literal["identity", "zstd"]
+
+LEVEL = 1
+MIN_SIZE = 256
+"""Bodies smaller than this are not worth a zstd frame."""
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    # One per thread: zstandard's objects are not safe to share between threads.
+    compressor: zstandard.ZstdCompressor | None = getattr(_local, "compressor", None)
+    if compressor is None:
+        compressor = _local.compressor = zstandard.ZstdCompressor(
+            level=LEVEL, write_content_size=True
+        )
+    return compressor
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    decompressor: zstandard.ZstdDecompressor | None = getattr(_local, "decompressor", None)
+    if decompressor is None:
+        decompressor = _local.decompressor = zstandard.ZstdDecompressor()
+    return decompressor
+
+
+def encode(data: bytes | None) -> tuple[bytes | None, Encoding]:
+    """The bytes to store and their encoding."""
+    if data is None or len(data) < MIN_SIZE:
+        return data, "identity"
+    packed = _compressor().compress(data)
+    if len(packed) * 10 > len(data) * 9:
+        return data, "identity"
+    return packed, "zstd"
+
+
+def decode(stored: bytes | None, encoding: str | None) -> bytes | None:
+    """The captured bytes back from what a store kept."""
+    if stored is None or encoding in (None, "identity"):
+        return stored
+    if encoding == "zstd":
+        return _decompressor().decompress(stored)
+    raise ValueError(f"unknown body encoding {encoding!r}")
