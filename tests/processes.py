@@ -125,6 +125,8 @@ class Load:
     body_size: int = 2048
     seconds: float = 60.0
     prefix: str = "load"
+    fresh_connections: bool = False
+    """A new connection per request (spreads requests over --workers)."""
     completed: set[str] = field(default_factory=set)
     failed: int = 0
     stopped: threading.Event = field(default_factory=threading.Event)
@@ -150,10 +152,11 @@ class Load:
                     return
                 request_id = f"{self.prefix}-{number:06d}"
                 body = self.body(request_id)
+                headers = {"x-request-id": request_id}
+                if self.fresh_connections:
+                    headers["connection"] = "close"
                 try:
-                    response = client.post(
-                        f"/orders/{number}", content=body, headers={"x-request-id": request_id}
-                    )
+                    response = client.post(f"/orders/{number}", content=body, headers=headers)
                 except httpx.HTTPError:
                     with self._lock:
                         self.failed += 1

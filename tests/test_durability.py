@@ -10,6 +10,7 @@ from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
+import httpx
 import pytest
 
 from asgi_audit.codec import Frame, decode_payload, read_frames
@@ -162,10 +163,12 @@ def test_torn_tail_is_cut_reported_and_the_rest_shipped(tmp_path: Path) -> None:
 
 
 def test_two_workers_write_two_streams_and_nothing_twice(tmp_path: Path) -> None:
-    """`uvicorn --workers 2`: two streams, every record delivered, none twice."""
+    """`uvicorn --workers 2`: each worker writes its own stream, every record is delivered,
+    none twice."""
     sink, _, env = settings(tmp_path)
     with serving(env, workers=2) as server:
-        load = Load(server.url, total=400, threads=8).run()
+        pids = both_workers(server.url)
+        load = Load(server.url, total=400, threads=8, fresh_connections=True).run()
         server.signal(SIGTERM)
         server.wait(90)
     with closing(open_sink(sink)) as store:
@@ -173,7 +176,19 @@ def test_two_workers_write_two_streams_and_nothing_twice(tmp_path: Path) -> None
     ids = Counter(r.correlation_id for r in records)
     assert load.completed <= set(ids)
     assert max(ids.values()) == 1
-    assert len({r.stream for r in records}) == 2
+    streams_by_pid = {int(r.stream.split(".")[2]) for r in records}
+    assert streams_by_pid == pids
+
+
+def both_workers(url: str, attempts: int = 400) -> set[int]:
+    """Wait (bounded) until both workers have answered, so that both get audited traffic."""
+    seen: set[int] = set()
+    for _ in range(attempts):
+        with httpx.Client(base_url=url, timeout=10) as client:
+            seen.add(int(client.get("/pid").text))
+        if len(seen) == 2:
+            return seen
+    raise AssertionError(f"only worker(s) {seen} answered {attempts} fresh connections")
 
 
 def test_sidecar_ships_and_either_side_can_be_killed(tmp_path: Path) -> None:

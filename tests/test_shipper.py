@@ -513,3 +513,41 @@ def test_shipper_process_stopped_right_after_start_still_makes_its_last_pass(
     assert process.returncode == 0
     with closing(open_sink(url)) as store:
         check_delivered(all_records(store), data)
+
+
+def test_a_standby_child_exits_cleanly_when_the_lock_is_taken(tmp_path: Path) -> None:
+    """A child shipper that finds the spool's lock taken exits 0 at once, with nothing on
+    stderr (its stdin watcher must not abort the interpreter at exit)."""
+    import subprocess
+    import sys
+
+    from asgi_audit.shipper import _CHILD, ShipperLock
+
+    lock = ShipperLock(tmp_path)
+    assert lock.acquire()
+    try:
+        for _ in range(3):  # the abort was a race at exit: try it a few times
+            child = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _CHILD,
+                    "--spool",
+                    str(tmp_path),
+                    "--sink",
+                    f"sqlite:///{tmp_path / 'audit.db'}",
+                    "--stop-on-eof",
+                ],
+                stdin=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            # stdin stays open, as it does while the parent lives: the child must end on
+            # its own, with its stdin watcher still waiting.
+            returncode = child.wait(timeout=60)
+            assert child.stdin is not None and child.stderr is not None
+            child.stdin.close()
+            errors = child.stderr.read()
+            child.stderr.close()
+            assert (returncode, errors) == (0, b"")
+    finally:
+        lock.release()

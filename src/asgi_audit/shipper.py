@@ -417,8 +417,11 @@ def serve(
     if stop_on_eof:
 
         def watch_stdin() -> None:
-            with contextlib.suppress(OSError, ValueError):
-                while sys.stdin.buffer.read(4096):
+            # os.read on the descriptor, not sys.stdin: a daemon thread blocked inside a
+            # buffered reader's lock aborts the interpreter at exit ("could not acquire
+            # lock for <stdin> at interpreter shutdown").
+            with contextlib.suppress(OSError):
+                while os.read(0, 4096):
                     pass
             stop.set()
 

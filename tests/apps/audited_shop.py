@@ -5,6 +5,7 @@ uvicorn tests.apps.audited_shop:app
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
@@ -37,4 +38,10 @@ async def health() -> str:
     return "ok"
 
 
-app.add_middleware(AuditMiddleware, exclude=["/health"])
+@app.get("/pid")
+async def pid() -> int:
+    """Which worker answered (the multi-worker test makes sure both get traffic)."""
+    return os.getpid()
+
+
+app.add_middleware(AuditMiddleware, exclude=["/health", "/pid"])
