@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import seaweed
 from asgi_audit import MemoryRecorder
 from asgi_audit.spill import executor
 
@@ -39,3 +40,37 @@ def held_worker() -> Iterator[threading.Event]:
     finally:
         event.set()
         blocker.result(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[seaweed.SeaweedServer]:
+    """One SeaweedFS S3 server on loopback for the whole run, stopped by its PID at the end.
+
+    Its keys go into the standard AWS variables, which is how the store finds credentials;
+    profiles, config files and instance metadata are shut out so nothing but loopback is
+    ever asked. Missing binary or a server that does not start: skip, or fail in CI."""
+    try:
+        import boto3  # noqa: F401
+
+        server = seaweed.start(tmp_path_factory.mktemp("seaweedfs"))
+    except (ImportError, seaweed.SeaweedUnavailable) as exc:
+        reason = f"no S3 test server: {exc}; {seaweed.INSTALL_HINT}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    nowhere = str(server.directory / "no-such-aws-file")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith("AWS_"):
+                patch.delenv(name)
+        patch.setenv("AWS_ACCESS_KEY_ID", server.access_key)
+        patch.setenv("AWS_SECRET_ACCESS_KEY", server.secret_key)
+        patch.setenv("AWS_CONFIG_FILE", nowhere)
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        for name in ("NO_PROXY", "no_proxy"):
+            patch.setenv(name, ",".join(filter(None, [os.environ.get(name), "127.0.0.1"])))
+        try:
+            yield server
+        finally:
+            server.stop()

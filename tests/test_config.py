@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from asgi_audit import AuditMiddleware, ConfigError, Level, NotSupportedError, make_rule
+from asgi_audit import AuditMiddleware, ConfigError, Level, make_rule
 from asgi_audit._types import Receive, Scope, Send
 
 
@@ -103,19 +103,29 @@ def test_unknown_environment_variable_suggests_the_right_one() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "environ", "parameter"),
+    ("kwargs", "environ", "parameter", "message"),
     [
-        ({"sink": "postgresql://localhost/audit"}, {}, "sink"),
-        ({}, {"ASGI_AUDIT_SINK": "s3://bucket/prefix"}, "ASGI_AUDIT_SINK"),
+        ({"sink": "s3://"}, {}, "sink", "bucket"),
+        ({}, {"ASGI_AUDIT_SINK": "s3://bucket/p?colour=blue"}, "ASGI_AUDIT_SINK", "colour"),
+        ({"sink": "postgresql://localhost/db?table=drop;table"}, {}, "sink", "table"),
     ],
 )
-def test_stores_not_available_yet_fail_clearly(
-    kwargs: dict[str, Any], environ: dict[str, str], parameter: str
+def test_server_store_urls_are_checked_at_construction(
+    kwargs: dict[str, Any], environ: dict[str, str], parameter: str, message: str
 ) -> None:
-    """Documented stores that this version lacks raise instead of being ignored."""
-    with pytest.raises(NotSupportedError) as caught:
+    """PostgreSQL and S3 URLs are checked when the middleware is built (no connection)."""
+    with pytest.raises(ConfigError, match=message) as caught:
         AuditMiddleware(_app, environ=environ, **kwargs)
     assert caught.value.parameter == parameter
+
+
+def test_server_store_urls_are_accepted() -> None:
+    """Well-formed postgresql:// and s3:// URLs pass without touching the network."""
+    for url in (
+        "postgresql://audit@db.internal/audit?table=records",
+        "s3://audit-bucket/orders?region=eu-west-1",
+    ):
+        assert AuditMiddleware(_app, sink=url, environ={}).settings.sink == url
 
 
 @pytest.mark.parametrize(

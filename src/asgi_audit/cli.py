@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import click
 import orjson
@@ -428,6 +428,39 @@ def ship(spool: str, sink: str, once: bool, keep_delivered: bool, drain_seconds:
     )
     if code:
         raise SystemExit(code)
+
+
+@runtime_checkable
+class Retention(Protocol):
+    """A store that forgets old records in bulk (PostgreSQL drops whole day partitions)."""
+
+    def apply_retention(self, keep_days: int) -> list[str]: ...
+
+
+@main.group()
+def retention() -> None:
+    """Forget records older than a number of days."""
+
+
+@retention.command("apply")
+@sink_option
+@click.option(
+    "--keep-days",
+    required=True,
+    type=click.IntRange(min=1),
+    help="Keep this many days of records; whole older days are dropped.",
+)
+def retention_apply(sink: str, keep_days: int) -> None:
+    """Drop the days of records older than --keep-days (run it daily, e.g. a CronJob)."""
+    with store(sink) as opened:
+        if not isinstance(opened, Retention):
+            raise click.ClickException(
+                f"{sink}: this store has no retention (postgresql:// stores have)"
+            )
+        dropped = opened.apply_retention(keep_days)
+    for name in dropped:
+        click.echo(f"dropped {name}")
+    click.echo(f"{len(dropped)} partition(s) dropped; newer than {keep_days} day(s) kept")
 
 
 @main.command()

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from .errors import ConfigError, NotSupportedError
+from .errors import ConfigError
 from .levels import Level
 from .policy import Policy, Rule, make_rule
 from .recorder import Overflow
@@ -135,11 +135,27 @@ def _sink(value: Any, parameter: str) -> str:
     if not isinstance(value, str) or "://" not in value:
         raise ConfigError(parameter, f"expected a URL such as {DEFAULT_SINK_URL!r} (got {value!r})")
     scheme = value.split("://", 1)[0].lower()
-    if scheme not in KNOWN_SCHEMES:
+    if scheme not in (*KNOWN_SCHEMES, "postgres"):
         known = ", ".join(f"{s}://" for s in KNOWN_SCHEMES)
         raise ConfigError(parameter, f"unknown kind of store {scheme!r}; known: {known}")
-    if scheme in ("postgresql", "s3"):
-        raise NotSupportedError(parameter, f"{scheme}:// stores arrive in a later version")
+    if scheme == "s3":
+        # The URL's form and boto3's presence are checked at start-up, without importing
+        # boto3 into the app or touching the network; the shipper checks the bucket.
+        from .sinks.s3 import check_url
+
+        try:
+            check_url(value)
+        except ConfigError as exc:
+            raise ConfigError(parameter, exc.problem) from None
+    if scheme in ("postgresql", "postgres"):
+        # The table name and the driver are checked here, in the app, at start-up: the
+        # shipper child would only log them. Nothing connects until the first batch.
+        from .sinks import open_sink
+
+        try:
+            open_sink(value).close()
+        except ConfigError as exc:
+            raise ConfigError(parameter, exc.problem) from None
     return value
 
 

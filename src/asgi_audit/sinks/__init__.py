@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..errors import ConfigError, NotSupportedError
+from ..errors import ConfigError
 from .base import Query, Reader, Sink, SinkError
 
 __all__ = [
@@ -53,6 +53,8 @@ def open_sink(url: str, *, create: bool = True) -> Store:
         path = _file_path(url, rest)
         if not path.exists():
             raise ConfigError("sink", f"no store at {path} (from {url!r})")
+    if not create and opener is _open_postgres:
+        return _open_postgres(url, rest, create=False)
     return opener(url, rest)
 
 
@@ -89,20 +91,42 @@ def _open_sqlite(url: str, rest: str) -> Store:
     return SqliteSink(path)
 
 
-def _not_yet(url: str, rest: str) -> Store:
-    scheme = url.partition("://")[0].lower()
-    raise NotSupportedError(
-        "sink", f"{scheme}:// stores arrive in a later version; use sqlite:// or jsonl:// for now"
-    )
+def _open_postgres(url: str, rest: str, *, create: bool = True) -> Store:
+    """Lazy: psycopg is an optional extra. Readers (``create=False``) connect now, so a
+    missing table or an unreachable server is one clear error before any work starts."""
+    try:
+        from .postgres import PostgresSink
+    except ImportError as exc:
+        raise ConfigError(
+            "sink",
+            f"postgresql:// needs psycopg 3 and psycopg-pool ({exc}): "
+            "pip install 'asgi-audit[postgres]'",
+        ) from None
+    sink = PostgresSink(url, create=create)
+    if not create:
+        try:
+            sink.ready()
+        except SinkError as exc:
+            sink.close()
+            raise ConfigError("sink", str(exc)) from None
+    return sink
+
+
+def _open_s3(url: str, rest: str) -> Store:
+    """Lazy: boto3 is an optional extra, imported only when a client is made (the URL is
+    checked first, so a mistyped option is reported even without boto3)."""
+    from .s3 import S3Sink, parse_url
+
+    return S3Sink(parse_url(url))
 
 
 _OPENERS: dict[str, Callable[[str, str], Store]] = {
     "memory": _open_memory,
     "jsonl": _open_jsonl,
     "sqlite": _open_sqlite,
-    "postgresql": _not_yet,
-    "postgres": _not_yet,
-    "s3": _not_yet,
+    "postgresql": _open_postgres,
+    "postgres": _open_postgres,
+    "s3": _open_s3,
 }
 
 KNOWN_SCHEMES = ("sqlite", "jsonl", "memory", "postgresql", "s3")

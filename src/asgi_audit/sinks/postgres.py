@@ -1,0 +1,695 @@
+"""``postgresql://user@host:5432/db?table=audit_records``: many pods, one queryable store.
+
+On Kubernetes a service runs as many short-lived pods; their records belong in one place
+the team already operates. This store keeps one row per exchange, like the SQLite store:
+indexed columns copy what the CLI filters and sorts on, ``metadata`` holds the whole
+record as JSON text and is the source of truth when reading back, and the bodies are
+``bytea``, through :mod:`.bodycodec` (zstd when that pays, with an encoding column), so
+what comes back is exactly what was captured.
+
+Partitions. The table is range-partitioned by UTC day on ``started_at_ns`` itself (bigint
+ranges ``[day * 86400e9, (day + 1) * 86400e9)``), not on a derived ``timestamptz``:
+the nanosecond value is what every query filters and pages on, so partition pruning
+applies to the CLI's queries directly, no rounding can put a record on the wrong side of a
+boundary, and nothing has to be computed twice (a generated column cannot be a partition
+key anyway). A generated ``started_at timestamptz`` column is there for people writing
+SQL. Partitions for yesterday to three days ahead are created at start-up and once a day
+after; a batch holding a record of any other day creates that day's partition first (a
+record shipped late, or replayed from an old spool, must be accepted: refusing it would
+block its stream forever). Retention drops whole partitions (:meth:`apply_retention`),
+which costs no vacuum and no index churn, unlike ``DELETE``.
+
+Idempotency. A unique constraint on a partitioned table must include the partition key,
+so the primary key is ``(started_at_ns, id)``. That still makes a record id unique: a
+record's start time is part of the record, fixed when the exchange began and carried
+unchanged through the spool, so a redelivered record always has the same key and
+``ON CONFLICT DO NOTHING`` keeps the first copy. Ids repeated inside one batch are
+dropped before the database sees them, keeping the first occurrence as the other stores do.
+
+Writes. A batch is copied (binary ``COPY``, so body bytes travel as they are rather than
+as hex text) into a temporary staging table, then moved with one ``INSERT ... SELECT ...
+ON CONFLICT DO NOTHING``, in one transaction: one commit, so one WAL flush per batch. The
+staging table is created once per connection, ``ON COMMIT DELETE ROWS`` (so the store
+needs session-level connections: direct, or PgBouncer in session mode). A session whose
+``synchronous_commit`` is ``off`` is set back to ``on``: the shipper drops spooled records
+once ``write_batch`` returns, so the commit must be durable by then.
+
+Connections. A small ``psycopg_pool.ConnectionPool`` (one connection kept, at most four:
+the shipper writes with one, a CLI or viewer in the same process may read meanwhile),
+opened at first use so that configuration can be checked without a server, closed by
+:meth:`close`. Connections are checked when taken from the pool, so those a server
+restart has killed are replaced; an operation that fails on a connection lost midway is
+run once more on a fresh one (writes are idempotent, so that is safe). Anything else, or a
+second failure, raises :class:`SinkError`, and the shipper backs off and retries later.
+
+Schema. A ``<table>_schema_version`` table records the layout version of ``<table>``;
+start-up creates or migrates the layout under an advisory lock (many pods start at once),
+and refuses a layout newer than this code knows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ..errors import ConfigError
+from ..stored import StoredRecord
+from . import bodycodec
+from ._common import dumps_json
+from .base import Query, SinkError
+
+STORE_SCHEMA_VERSION = 1
+"""Version of the table layout below (not of the record schema, which the JSON carries)."""
+
+DEFAULT_TABLE = "audit_records"
+DAY_NS = 86_400 * 1_000_000_000
+DAYS_BEHIND = 1
+DAYS_AHEAD = 3
+"""Partitions kept ready around today, so that writes near midnight need no DDL."""
+
+POOL_MIN_SIZE = 1
+POOL_MAX_SIZE = 4
+POOL_TIMEOUT = 5.0
+"""Seconds to wait for a pooled connection; a shipper blocked longer cannot meet its
+shutdown deadline, and while the server is down waiting longer does not help."""
+CONNECT_TIMEOUT = 10
+"""libpq ``connect_timeout`` unless the URL sets one: an unroutable host fails, not hangs."""
+DDL_LOCK_TIMEOUT = "10s"
+"""Partition DDL waits this long for the parent's lock (long readers) before giving up."""
+
+_TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
+"""Lower case (what unquoted SQL means), and short enough for the longest derived name
+(``<table>_schema_version``) to fit PostgreSQL's 63 bytes."""
+
+_STAGING = sql.Identifier("pg_temp", "asgi_audit_staging")
+
+_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("started_at_ns", "int8"),
+    ("id", "text"),
+    ("stream", "text"),
+    ("seq", "int8"),
+    ("method", "text"),
+    ("route", "text"),
+    ("path", "text"),
+    ("status", "int4"),
+    ("outcome", "text"),
+    ("correlation_id", "text"),
+    ("trace_id", "text"),
+    ("service", "text"),
+    ("metadata", "text"),
+    ("request_encoding", "text"),
+    ("response_encoding", "text"),
+    ("request_body", "bytea"),
+    ("response_body", "bytea"),
+)
+"""What a batch carries, in COPY order, with the binary COPY type of each."""
+
+_COLUMN_LIST = sql.SQL(", ").join(sql.Identifier(name) for name, _ in _COLUMNS)
+_COPY_TYPES = [kind for _, kind in _COLUMNS]
+
+_BODY_COLUMNS = "metadata, request_body, response_body, request_encoding, response_encoding"
+
+_PAGE_ROWS = 256
+_PAGE_ROWS_WITH_BODIES = 16
+"""Rows per read; bodies may be megabytes each, so those pages are kept short."""
+
+_BOUNDS = re.compile(r"FROM \('?(-?\d+)'?\) TO \('?(-?\d+)'?\)")
+
+T = TypeVar("T")
+Connection = psycopg.Connection[TupleRow]
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """One partition of the records table: its name and the start times it holds."""
+
+    name: str
+    low_ns: int
+    high_ns: int
+    """Exclusive."""
+
+    @property
+    def days(self) -> range:
+        """The whole UTC days (numbered from the epoch) this partition covers."""
+        return range(-(-self.low_ns // DAY_NS), self.high_ns // DAY_NS)
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresURL:
+    """A parsed store URL: what libpq gets, the table, and a form safe to print."""
+
+    conninfo: str
+    table: str
+    display: str
+
+
+def parse_url(url: str) -> PostgresURL:
+    """Split ``table`` from the options libpq understands; check both now.
+
+    Raises :class:`ConfigError` for a table that is not a plain identifier (it becomes
+    part of SQL statements and of derived names) or a URL libpq would refuse."""
+    base, _, query = url.partition("?")
+    query, _, fragment = query.partition("#")
+    if fragment:
+        raise ConfigError("sink", f"unexpected '#' in {_masked(url)!r}")
+    # The other options go to libpq as written: decoding and re-encoding them would change
+    # what libpq reads ('+' is not a space to libpq, '%20' is).
+    pieces = [piece for piece in query.split("&") if piece]
+    names = [urllib.parse.unquote(piece.partition("=")[0]) for piece in pieces]
+    tables = [
+        urllib.parse.unquote(piece.partition("=")[2])
+        for piece, name in zip(pieces, names, strict=True)
+        if name == "table"
+    ]
+    if len(tables) > 1:
+        raise ConfigError("sink", f"'table' given {len(tables)} times in {_masked(url)!r}")
+    table = tables[0] if tables else DEFAULT_TABLE
+    if not _TABLE_NAME.fullmatch(table):
+        raise ConfigError(
+            "sink",
+            f"table must be a lower-case SQL identifier of at most 48 characters "
+            f"([a-z_][a-z0-9_]*), got {table!r} in {_masked(url)!r}",
+        )
+    rest = [piece for piece, name in zip(pieces, names, strict=True) if name != "table"]
+    libpq_url = base + ("?" + "&".join(rest) if rest else "")
+    try:
+        params: dict[str, Any] = conninfo_to_dict(libpq_url)
+    except psycopg.Error as exc:
+        raise ConfigError("sink", f"not a PostgreSQL URL: {_masked(url)!r} ({exc})") from None
+    port = str(params.get("port", ""))
+    if not all(part.isdigit() or not part for part in port.split(",")):
+        raise ConfigError("sink", f"not a PostgreSQL URL: {_masked(url)!r} (port {port!r})")
+    params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    params.setdefault("application_name", "asgi-audit")
+    display = _masked(base) + f"?table={table}"
+    return PostgresURL(make_conninfo("", **params), table, display)
+
+
+def _masked(url: str) -> str:
+    """The URL with any password replaced, for messages and logs."""
+    return re.sub(r"(://[^:/@?#]*:)[^@/?#]*@", r"\1***@", url)
+
+
+class PostgresSink:
+    """Sink and Reader over one partitioned table (see the module docstring for the choices).
+
+    ``create=False`` (readers such as the CLI) refuses a table that does not exist rather
+    than creating an empty one under a mistyped name, and creates no partitions."""
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        parsed = parse_url(url)
+        self.table = parsed.table
+        self.display = parsed.display
+        self._conninfo = parsed.conninfo
+        self._create = create
+        self._lock = threading.Lock()
+        self._pool: ConnectionPool[Connection] | None = None
+        self._closed = False
+        self._ready = False
+        self._days: set[int] = set()
+        self._ahead_day: int | None = None
+        names = {
+            "t": sql.Identifier(self.table),
+            "version_table": sql.Identifier(f"{self.table}_schema_version"),
+        }
+        self._names = names
+        self._insert = sql.SQL(
+            "INSERT INTO {t} ({columns}) SELECT {columns} FROM {staging}"
+            " ON CONFLICT (started_at_ns, id) DO NOTHING"
+        ).format(columns=_COLUMN_LIST, staging=_STAGING, **names)
+        self._copy = sql.SQL("COPY {staging} ({columns}) FROM STDIN (FORMAT BINARY)").format(
+            staging=_STAGING, columns=_COLUMN_LIST
+        )
+
+    def __repr__(self) -> str:
+        return f"PostgresSink({self.display!r})"
+
+    # Sink ---------------------------------------------------------------------------
+
+    def write_batch(self, records: Sequence[StoredRecord]) -> None:
+        first: dict[str, StoredRecord] = {}
+        for record in records:
+            first.setdefault(record.id, record)
+        if not first:
+            self._check_open()
+            return
+        # The CPU work (JSON, zstd) is done before a connection is taken from the pool.
+        rows = [_row(record) for record in first.values()]
+        days = {record.started_at_ns // DAY_NS for record in first.values()}
+        self._run(f"batch of {len(rows)} not stored", lambda c: self._write(c, rows, days))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    # Reader -------------------------------------------------------------------------
+
+    def search(self, query: Query) -> Iterator[StoredRecord]:
+        self._check_open()
+        return self._pages(query)
+
+    def get(self, record_id: str) -> StoredRecord | None:
+        statement = sql.SQL(
+            "SELECT " + _BODY_COLUMNS + " FROM {t} WHERE id = %s ORDER BY started_at_ns LIMIT 1"
+        ).format(**self._names)
+        rows = self._fetch(statement, (_text(record_id),), binary=True)
+        return None if not rows else _record(rows[0])
+
+    def count(self) -> int:
+        rows = self._fetch(sql.SQL("SELECT count(*) FROM {t}").format(**self._names), ())
+        return int(rows[0][0])
+
+    def ready(self) -> None:
+        """Connect now and check the layout (create or migrate it, for writers); raises
+        :class:`SinkError` with the reason when that cannot be done."""
+        self._check_open()
+        self._run("not ready", lambda connection: None)
+
+    # Partitions and retention --------------------------------------------------------
+
+    def partitions(self) -> list[Partition]:
+        """Every partition of the records table, oldest first."""
+        return self._run("cannot list partitions", self._list_partitions)
+
+    def apply_retention(self, keep_days: int, *, now_ns: int | None = None) -> list[str]:
+        """Drop the partitions whose every record started more than ``keep_days`` days ago.
+
+        Whole partitions go (no ``DELETE``, no vacuum); a day is dropped once its last
+        nanosecond is older than the cutoff, so records live ``keep_days`` to
+        ``keep_days + 1`` days. Returns the names of the dropped partitions, oldest first."""
+        if keep_days < 1:
+            raise ValueError(f"keep_days must be at least 1 (got {keep_days})")
+        cutoff = (time.time_ns() if now_ns is None else now_ns) - keep_days * DAY_NS
+        return self._run("retention not applied", lambda c: self._drop_before(c, cutoff))
+
+    # Internals ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SinkError(f"{self!r} is closed")
+
+    def _open_pool(self) -> ConnectionPool[Connection]:
+        with self._lock:
+            if self._closed:
+                raise SinkError(f"{self!r} is closed")
+            if self._pool is None:
+                pool: ConnectionPool[Connection] = ConnectionPool(
+                    self._conninfo,
+                    kwargs={"autocommit": True},
+                    min_size=POOL_MIN_SIZE,
+                    max_size=POOL_MAX_SIZE,
+                    open=False,
+                    configure=_configure,
+                    check=ConnectionPool.check_connection,
+                    name=f"asgi-audit {self.table}",
+                    timeout=POOL_TIMEOUT,
+                    num_workers=2,
+                )
+                pool.open(wait=False)
+                self._pool = pool
+            return self._pool
+
+    def _run(self, failure: str, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` on a pooled connection, once more on a fresh one if the first was
+        lost midway; every database error leaves as :class:`SinkError`."""
+        for attempt in (1, 2):
+            pool = self._open_pool()
+            try:
+                with pool.connection() as connection:
+                    if not self._ready:
+                        self._prepare(connection)
+                    return work(connection)
+            except PoolTimeout as exc:
+                raise SinkError(f"{self!r}: {failure}: {self._unreachable(exc)}") from exc
+            except psycopg.OperationalError as exc:
+                if attempt == 2 or self._closed:
+                    raise SinkError(f"{self!r}: {failure}: {_reason(exc)}") from exc
+            except psycopg.Error as exc:
+                raise SinkError(f"{self!r}: {failure}: {_reason(exc)}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _unreachable(self, timeout: PoolTimeout) -> str:
+        """Why no connection came: the pool only says it waited, so ask the server."""
+        try:
+            with psycopg.connect(self._conninfo, connect_timeout=3) as connection:
+                connection.execute("SELECT 1")
+        except psycopg.Error as exc:
+            return _reason(exc)
+        return f"all {POOL_MAX_SIZE} connections busy ({timeout})"
+
+    def _fetch(
+        self, statement: sql.Composed, params: Sequence[Any], *, binary: bool = False
+    ) -> list[TupleRow]:
+        def work(connection: Connection) -> list[TupleRow]:
+            with connection.cursor() as cursor:
+                cursor.execute(statement, params, binary=binary)
+                return cursor.fetchall()
+
+        self._check_open()
+        return self._run("query failed", work)
+
+    # Schema
+
+    def _prepare(self, connection: Connection) -> None:
+        """Create or migrate the layout (writers), check it exists (readers), and have
+        partitions ready around today. Runs once per instance, on its first operation."""
+        with self._lock:
+            if self._ready:
+                return
+            _check_server(connection, self)
+            with connection.transaction():
+                self._advisory_lock(connection)
+                version = self._layout_version(connection)
+                if version is None and not self._create:
+                    raise SinkError(
+                        f"{self!r}: no asgi-audit table {self.table!r} in this database"
+                    )
+                self._migrate(connection, version or 0)
+            self._days = {day for part in self._list_partitions(connection) for day in part.days}
+            if self._create:
+                self._ensure_days(connection, set())
+            self._ready = True
+
+    def _advisory_lock(self, connection: Connection) -> None:
+        """Serialise DDL on this table across processes (pods start together)."""
+        connection.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s || current_schema(), 0))",
+            (f"asgi-audit:{self.table}@",),
+        )
+
+    def _layout_version(self, connection: Connection) -> int | None:
+        exists = connection.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (f"{self.table}_schema_version",)
+        ).fetchone()
+        if not exists or not exists[0]:
+            return None
+        row = connection.execute(
+            sql.SQL("SELECT max(version) FROM {version_table}").format(**self._names)
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def _migrate(self, connection: Connection, version: int) -> None:
+        if version > STORE_SCHEMA_VERSION:
+            raise SinkError(
+                f"{self!r}: table {self.table!r} has layout version {version}, newer than "
+                f"this asgi-audit understands ({STORE_SCHEMA_VERSION}); upgrade asgi-audit"
+            )
+        if version == 0:
+            taken = connection.execute("SELECT to_regclass(%s)", (self.table,)).fetchone()
+            if taken and taken[0] is not None:
+                raise SinkError(
+                    f"{self!r}: a table {self.table!r} exists but was not made by asgi-audit"
+                    " (no schema version); choose another ?table="
+                )
+            connection.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {version_table} ("
+                    " version integer PRIMARY KEY,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                ).format(**self._names)
+            )
+        for target in range(version + 1, STORE_SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[target]:
+                connection.execute(sql.SQL(statement).format(**self._names))
+            connection.execute(
+                sql.SQL("INSERT INTO {version_table} (version) VALUES (%s)").format(**self._names),
+                (target,),
+            )
+
+    # Partitions
+
+    def _list_partitions(self, connection: Connection) -> list[Partition]:
+        rows = connection.execute(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid)"
+            " FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = to_regclass(%s)",
+            (self.table,),
+        ).fetchall()
+        found = []
+        for name, bound in rows:
+            match = _BOUNDS.search(bound or "")
+            if match:
+                found.append(Partition(name, int(match.group(1)), int(match.group(2))))
+        return sorted(found, key=lambda part: part.low_ns)
+
+    def _ensure_days(self, connection: Connection, days: set[int]) -> None:
+        """Create the partitions of ``days`` (and those around today, once a day) that
+        the last look at the catalog did not show."""
+        today = time.time_ns() // DAY_NS
+        wanted = set(days)
+        if self._ahead_day != today:
+            wanted.update(range(today - DAYS_BEHIND, today + DAYS_AHEAD + 1))
+        if wanted <= self._days:
+            self._ahead_day = today
+            return
+        with connection.transaction():
+            connection.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'")
+            self._advisory_lock(connection)
+            existing = {day for part in self._list_partitions(connection) for day in part.days}
+            for day in sorted(wanted - existing):
+                connection.execute(
+                    sql.SQL(
+                        "CREATE TABLE {part} PARTITION OF {t} FOR VALUES FROM ({low}) TO ({high})"
+                    ).format(
+                        part=sql.Identifier(_partition_name(self.table, day)),
+                        low=sql.Literal(day * DAY_NS),
+                        high=sql.Literal((day + 1) * DAY_NS),
+                        **self._names,
+                    )
+                )
+        self._days = existing | wanted
+        self._ahead_day = today
+
+    def _write(self, connection: Connection, rows: list[_Row], days: set[int]) -> None:
+        for attempt in (1, 2):
+            self._ensure_days(connection, days)
+            try:
+                with connection.transaction(), connection.cursor() as cursor:
+                    with cursor.copy(self._copy) as copy:
+                        copy.set_types(_COPY_TYPES)
+                        for row in rows:
+                            copy.write_row(row)
+                    cursor.execute(self._insert)
+                return
+            except psycopg.errors.CheckViolation:
+                # No partition for a day this instance thought existed: retention
+                # elsewhere dropped it. Look at the catalog again and create it.
+                if attempt == 2:
+                    raise
+                self._days = set()
+
+    def _drop_before(self, connection: Connection, cutoff_ns: int) -> list[str]:
+        with connection.transaction():
+            connection.execute(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'")
+            self._advisory_lock(connection)
+            old = [part for part in self._list_partitions(connection) if part.high_ns <= cutoff_ns]
+            for part in old:
+                connection.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(part.name)))
+        dropped = {day for part in old for day in part.days}
+        self._days -= dropped
+        return [part.name for part in old]
+
+    # Reading
+
+    def _pages(self, query: Query) -> Iterator[StoredRecord]:
+        """Keyset pages on (started_at_ns, id): no cursor or transaction spans the caller's
+        loop, and each page is an index range scan whatever the offset."""
+        where, params = _where(query)
+        columns = _BODY_COLUMNS if query.with_bodies else "metadata"
+        order, after, bound = ("DESC", "<", "<=") if query.newest_first else ("ASC", ">", ">=")
+        page_rows = _PAGE_ROWS_WITH_BODIES if query.with_bodies else _PAGE_ROWS
+        remaining = query.limit
+        last: tuple[int, str] | None = None
+        while remaining is None or remaining > 0:
+            conditions = list(where)
+            page_params = list(params)
+            if last is not None:
+                # The plain bound lets the planner prune partitions; the row comparison
+                # is the exact keyset condition.
+                conditions.append(f"started_at_ns {bound} %s")
+                conditions.append(f"(started_at_ns, id) {after} (%s, %s)")
+                page_params.extend((last[0], *last))
+            size = page_rows if remaining is None else min(page_rows, remaining)
+            statement = sql.SQL(
+                f"SELECT started_at_ns, id, {columns} FROM {{t}}"
+                f"{' WHERE ' + ' AND '.join(conditions) if conditions else ''}"
+                f" ORDER BY started_at_ns {order}, id {order} LIMIT %s"
+            ).format(**self._names)
+            rows = self._fetch(statement, [*page_params, size], binary=query.with_bodies)
+            for row in rows:
+                yield _record(row[2:])
+            if len(rows) < size:
+                return
+            last = (rows[-1][0], rows[-1][1])
+            if remaining is not None:
+                remaining -= len(rows)
+
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        # Text columns compare as bytes (COLLATE "C"): ids sort as Python sorts them, the
+        # same in every database whatever its locale, and index comparisons are cheaper.
+        """
+        CREATE TABLE {t} (
+            started_at_ns bigint NOT NULL,
+            id text COLLATE "C" NOT NULL,
+            stream text COLLATE "C" NOT NULL,
+            seq bigint NOT NULL,
+            method text COLLATE "C" NOT NULL,
+            route text COLLATE "C",
+            path text COLLATE "C" NOT NULL,
+            status integer,
+            outcome text COLLATE "C" NOT NULL,
+            correlation_id text COLLATE "C" NOT NULL,
+            trace_id text COLLATE "C",
+            service text COLLATE "C" NOT NULL,
+            started_at timestamptz
+                GENERATED ALWAYS AS (to_timestamp(started_at_ns / 1e9::float8)) STORED,
+            metadata text NOT NULL,
+            request_encoding text NOT NULL DEFAULT 'identity',
+            response_encoding text NOT NULL DEFAULT 'identity',
+            request_body bytea,
+            response_body bytea,
+            PRIMARY KEY (started_at_ns, id)
+        ) PARTITION BY RANGE (started_at_ns)
+        """,
+        # bodycodec already compressed what pays; pglz would only spend CPU finding out
+        # that zstd frames and random bytes do not shrink. Partitions inherit this.
+        "ALTER TABLE {t} ALTER COLUMN request_body SET STORAGE EXTERNAL,"
+        " ALTER COLUMN response_body SET STORAGE EXTERNAL",
+        # The filters `ls` offers; (stream, seq) is how verification walks a hash chain;
+        # id alone is how `show` finds a record (the primary key leads with the time).
+        "CREATE INDEX ON {t} (id)",
+        "CREATE INDEX ON {t} (route, started_at_ns, id)",
+        "CREATE INDEX ON {t} (status, started_at_ns)",
+        "CREATE INDEX ON {t} (correlation_id)",
+        "CREATE INDEX ON {t} (trace_id)",
+        "CREATE INDEX ON {t} (stream, seq)",
+    ),
+}
+"""Statements that bring the layout from the previous version to each version."""
+
+
+def _configure(connection: Connection) -> None:
+    """Each new pooled connection: its staging table, and commits that are durable."""
+    row = connection.execute("SHOW synchronous_commit").fetchone()
+    if row is not None and row[0] == "off":
+        connection.execute("SET synchronous_commit = on")
+    columns = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind)) for name, kind in _COLUMNS
+    )
+    connection.execute(
+        sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+            _STAGING, columns
+        )
+    )
+
+
+def _check_server(connection: Connection, sink: PostgresSink) -> None:
+    if connection.info.server_version < 110000:
+        raise SinkError(f"{sink!r}: PostgreSQL 11 or newer is needed (partitioned keys)")
+    encoding = connection.info.parameter_status("server_encoding")
+    if encoding not in ("UTF8", None):
+        raise SinkError(
+            f"{sink!r}: the database encoding is {encoding}; paths and headers need UTF8"
+        )
+
+
+def _partition_name(table: str, day: int) -> str:
+    return f"{table}_p{(date(1970, 1, 1) + timedelta(days=day)):%Y%m%d}"
+
+
+def _reason(exc: psycopg.Error) -> str:
+    """The server's message, on one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _where(query: Query) -> tuple[list[str], list[Any]]:
+    conditions: list[str] = []
+    params: list[Any] = []
+    for clause, value in (
+        ("started_at_ns >= %s", query.since_ns),
+        ("started_at_ns < %s", query.until_ns),
+        ("route = %s", None if query.route is None else _text(query.route)),
+        ("method = %s", None if query.method is None else _text(query.method)),
+        ("status >= %s", query.status_low),
+        ("status <= %s", query.status_high),
+        (
+            "correlation_id = %s",
+            None if query.correlation_id is None else _text(query.correlation_id),
+        ),
+    ):
+        if value is not None:
+            conditions.append(clause)
+            params.append(value)
+    return conditions, params
+
+
+def _text(value: str) -> str:
+    """PostgreSQL text holds neither NUL nor lone surrogates; escape them in index columns
+    (the JSON metadata keeps the exact value)."""
+    if "\x00" in value:
+        value = value.replace("\x00", "\\x00")
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _optional_text(value: str | None) -> str | None:
+    return None if value is None else _text(value)
+
+
+_Row = tuple[Any, ...]
+
+
+def _row(record: StoredRecord) -> _Row:
+    request, request_encoding = bodycodec.encode(
+        None if record.request_body is None else record.request_body.data
+    )
+    response, response_encoding = bodycodec.encode(
+        None if record.response_body is None else record.response_body.data
+    )
+    return (
+        record.started_at_ns,
+        _text(record.id),
+        _text(record.stream),
+        record.seq,
+        _text(record.method),
+        _optional_text(record.route),
+        _text(record.path),
+        record.status,
+        _text(record.outcome),
+        _text(record.correlation_id),
+        _optional_text(record.trace_id),
+        _text(record.service),
+        dumps_json(record.metadata()),
+        request_encoding,
+        response_encoding,
+        request,
+        response,
+    )
+
+
+def _record(row: Sequence[Any]) -> StoredRecord:
+    metadata = json.loads(row[0])
+    if len(row) == 1:
+        return StoredRecord.from_metadata(metadata)
+    return StoredRecord.from_metadata(
+        metadata, bodycodec.decode(row[1], row[3]), bodycodec.decode(row[2], row[4])
+    )
