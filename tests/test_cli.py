@@ -209,3 +209,16 @@ def test_demo_serves_records_and_verifies_the_order(tmp_path: Path) -> None:
     assert "redacted headers: authorization" in output
     assert "stored byte for byte: True" in output
     assert "GET /health route" not in output
+
+
+def test_ship_refuses_a_malformed_store_url_at_once(tmp_path: Path) -> None:
+    """`ship` checks the URL's form before anything else: one line, exit 1."""
+    code, output = run("ship", "--spool", str(tmp_path), "--sink", "ftp://somewhere", "--once")
+    assert code == 1 and "unknown kind of store 'ftp'" in output
+
+
+def test_retention_needs_a_store_that_has_it(populated: tuple[str, list[StoredRecord]]) -> None:
+    """retention apply on a store without partitions is a one-line error."""
+    url, _ = populated
+    code, output = run("retention", "apply", "--sink", url, "--keep-days", "30")
+    assert code == 1 and output.startswith("Error:")

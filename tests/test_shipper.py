@@ -551,3 +551,43 @@ def test_a_standby_child_exits_cleanly_when_the_lock_is_taken(tmp_path: Path) ->
             assert (returncode, errors) == (0, b"")
     finally:
         lock.release()
+
+
+def test_a_sidecar_waits_for_a_store_that_cannot_be_opened_yet(tmp_path: Path) -> None:
+    """`asgi-audit ship` keeps the spool and retries while the store cannot be opened (its
+    directory is not there yet), then delivers everything and stops on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    spool = tmp_path / "spool"
+    data = bodies(5)
+    dead_spool(spool, data)
+    blocker = tmp_path / "store"
+    blocker.write_bytes(b"not a directory yet")
+    url = f"sqlite:///{blocker / 'audit.db'}"
+    shipper = subprocess.Popen(
+        [sys.executable, "-m", "asgi_audit", "ship", "--spool", str(spool), "--sink", url],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert shipper.stderr is not None
+        assert b"cannot open the store" in shipper.stderr.readline() + shipper.stderr.readline()
+        blocker.unlink()
+        blocker.mkdir()
+
+        def delivered() -> int:
+            if not (blocker / "audit.db").exists():
+                return 0
+            with closing(open_sink(url, create=False)) as store:
+                return store.count()
+
+        assert wait_until(lambda: delivered() == len(data), timeout=60)
+        shipper.send_signal(signal.SIGTERM)
+        assert shipper.wait(60) == 0
+    finally:
+        if shipper.poll() is None:
+            shipper.kill()
+            shipper.wait(30)
+        if shipper.stderr is not None:
+            shipper.stderr.close()

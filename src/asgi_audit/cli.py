@@ -21,7 +21,7 @@ import click
 import orjson
 
 from . import __version__
-from .config import DEFAULT_SPOOL
+from .config import DEFAULT_SPOOL, check_sink_url
 from .errors import AuditError
 from .export import iso, jsonl_line
 from .policy import StatusRange
@@ -415,8 +415,8 @@ def ship(spool: str, sink: str, once: bool, keep_delivered: bool, drain_seconds:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     Path(spool).mkdir(parents=True, exist_ok=True)
-    try:
-        open_sink(sink).close()
+    try:  # the URL's form now; opening the store is retried by serve() while it fails
+        check_sink_url(sink, "--sink")
     except AuditError as exc:
         raise click.ClickException(str(exc)) from exc
     code = serve(

@@ -112,7 +112,7 @@ def load_settings(arguments: Mapping[str, Any], environ: Mapping[str, str]) -> S
         ),
         spill_dir=_directory(merged.get("spill_dir")),
         service=_service(merged.get("service", "asgi")),
-        sink=_sink(merged.get("sink", DEFAULT_SINK_URL), _name("sink", arguments)),
+        sink=check_sink_url(merged.get("sink", DEFAULT_SINK_URL), _name("sink", arguments)),
         spool=os.fspath(merged.get("spool", DEFAULT_SPOOL)),
         ship=cast(
             Ship, _choice(merged.get("ship", "process"), "ship", ("process", "thread", "off"))
@@ -130,7 +130,7 @@ def _name(key: str, arguments: Mapping[str, Any]) -> str:
     return key if arguments.get(key) is not None else ENV_PREFIX + _ENV_KEYS[key]
 
 
-def _sink(value: Any, parameter: str) -> str:
+def check_sink_url(value: Any, parameter: str) -> str:
     """Check the URL's form here; the store itself is opened by the shipper."""
     if not isinstance(value, str) or "://" not in value:
         raise ConfigError(parameter, f"expected a URL such as {DEFAULT_SINK_URL!r} (got {value!r})")

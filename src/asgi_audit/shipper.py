@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .codec import Frame, SpooledRecord, Tail, decode_payload, read_frames
+from .sinks import Store, open_sink
 from .sinks.base import Sink
 from .spool import Checkpoint, StreamDirectory, streams, try_lock, unlock
 from .stored import StoredRecord
@@ -408,8 +409,6 @@ def serve(
     """Ship a spool until told to stop (SIGTERM, SIGINT, or with ``stop_on_eof`` the end
     of stdin: how the parent of a child shipper asks, and what its death looks like).
     Returns the process exit code."""
-    from .sinks import open_sink
-
     lock = ShipperLock(spool)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -429,7 +428,14 @@ def serve(
     while not lock.acquire():
         if not wait_for_lock or stop.wait(1.0):
             return 0
-    sink = open_sink(sink_url)
+    try:
+        sink = _open_until_stopped(sink_url, stop, retry=not once)
+    except Stopped:
+        lock.release()
+        return 3
+    except Exception:
+        lock.release()
+        raise
     shipper = Shipper(spool, sink, keep_delivered=keep_delivered)
     try:
         if once:
@@ -450,6 +456,29 @@ def serve(
     finally:
         sink.close()
         lock.release()
+
+
+def _open_until_stopped(url: str, stop: threading.Event, *, retry: bool) -> Store:
+    """Open the store; while it cannot be opened (a bucket not created yet, a database
+    still starting, credentials being rotated), keep the spool and try again with backoff
+    instead of exiting: records wait in the spool either way, and a shipper that exits
+    would only be restarted to fail again."""
+    delay = 1.0
+    while True:
+        try:
+            return open_sink(url)
+        except Exception as exc:
+            if not retry:
+                raise
+            logger.warning(
+                "asgi-audit: cannot open the store (%s); the spool keeps the records, "
+                "retrying in %.0f s",
+                exc,
+                delay,
+            )
+            if stop.wait(delay):
+                raise Stopped from exc
+            delay = min(delay * 2, 60.0)
 
 
 def main(argv: list[str] | None = None) -> int:
