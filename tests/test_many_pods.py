@@ -22,7 +22,12 @@ pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 PODS = 4
 
 
-@pytest.fixture(params=["postgres", "s3"])
+@pytest.fixture(
+    params=[
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("s3", marks=pytest.mark.s3),
+    ]
+)
 def shared_store(request: pytest.FixtureRequest) -> Iterator[str]:
     """One store every pod ships into: a fresh PostgreSQL table, or a fresh bucket prefix."""
     if request.param == "postgres":
@@ -78,6 +83,7 @@ def test_four_pods_ship_concurrently_into_one_store_exactly_once(
     assert len({stream for _, stream in records}) == PODS
 
 
+@pytest.mark.postgres
 def test_postgres_going_away_mid_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     """While every connection to PostgreSQL is cut again and again mid-load, the spool holds
     the records, the shipper reconnects, and the table ends with each record once."""

@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 from ..stored import StoredRecord
+from . import bodycodec
 from .base import Query
 
 
@@ -77,3 +80,28 @@ def dumps_json(value: object) -> str:
         except UnicodeEncodeError:
             return json.dumps(value, separators=(",", ":"))
     return text
+
+
+BODY_COLUMNS = "metadata, request_body, response_body, request_encoding, response_encoding"
+"""What the SQL stores read to rebuild a record with its bodies (see :func:`record_from_row`)."""
+
+
+def encoded_bodies(record: StoredRecord) -> tuple[bytes | None, str, bytes | None, str]:
+    """(request, its encoding, response, its encoding) as the SQL stores keep them."""
+    request, request_encoding = bodycodec.encode(
+        None if record.request_body is None else record.request_body.data
+    )
+    response, response_encoding = bodycodec.encode(
+        None if record.response_body is None else record.response_body.data
+    )
+    return request, request_encoding, response, response_encoding
+
+
+def record_from_row(row: Sequence[Any]) -> StoredRecord:
+    """A record from ``metadata`` alone, or from the :data:`BODY_COLUMNS` in that order."""
+    metadata = json.loads(row[0])
+    if len(row) == 1:
+        return StoredRecord.from_metadata(metadata)
+    return StoredRecord.from_metadata(
+        metadata, bodycodec.decode(row[1], row[3]), bodycodec.decode(row[2], row[4])
+    )

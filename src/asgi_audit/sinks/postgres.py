@@ -49,7 +49,6 @@ and refuses a layout newer than this code knows.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -67,8 +66,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import ConfigError
 from ..stored import StoredRecord
-from . import bodycodec
-from ._common import dumps_json
+from ._common import BODY_COLUMNS, dumps_json, encoded_bodies, record_from_row
 from .base import Query, SinkError
 
 STORE_SCHEMA_VERSION = 1
@@ -120,7 +118,6 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
 _COLUMN_LIST = sql.SQL(", ").join(sql.Identifier(name) for name, _ in _COLUMNS)
 _COPY_TYPES = [kind for _, kind in _COLUMNS]
 
-_BODY_COLUMNS = "metadata, request_body, response_body, request_encoding, response_encoding"
 
 _PAGE_ROWS = 256
 _PAGE_ROWS_WITH_BODIES = 16
@@ -266,10 +263,10 @@ class PostgresSink:
 
     def get(self, record_id: str) -> StoredRecord | None:
         statement = sql.SQL(
-            "SELECT " + _BODY_COLUMNS + " FROM {t} WHERE id = %s ORDER BY started_at_ns LIMIT 1"
+            "SELECT " + BODY_COLUMNS + " FROM {t} WHERE id = %s ORDER BY started_at_ns LIMIT 1"
         ).format(**self._names)
         rows = self._fetch(statement, (_text(record_id),), binary=True)
-        return None if not rows else _record(rows[0])
+        return None if not rows else record_from_row(rows[0])
 
     def count(self) -> int:
         rows = self._fetch(sql.SQL("SELECT count(*) FROM {t}").format(**self._names), ())
@@ -511,7 +508,7 @@ class PostgresSink:
         """Keyset pages on (started_at_ns, id): no cursor or transaction spans the caller's
         loop, and each page is an index range scan whatever the offset."""
         where, params = _where(query)
-        columns = _BODY_COLUMNS if query.with_bodies else "metadata"
+        columns = BODY_COLUMNS if query.with_bodies else "metadata"
         order, after, bound = ("DESC", "<", "<=") if query.newest_first else ("ASC", ">", ">=")
         page_rows = _PAGE_ROWS_WITH_BODIES if query.with_bodies else _PAGE_ROWS
         remaining = query.limit
@@ -533,7 +530,7 @@ class PostgresSink:
             ).format(**self._names)
             rows = self._fetch(statement, [*page_params, size], binary=query.with_bodies)
             for row in rows:
-                yield _record(row[2:])
+                yield record_from_row(row[2:])
             if len(rows) < size:
                 return
             last = (rows[-1][0], rows[-1][1])
@@ -659,12 +656,7 @@ _Row = tuple[Any, ...]
 
 
 def _row(record: StoredRecord) -> _Row:
-    request, request_encoding = bodycodec.encode(
-        None if record.request_body is None else record.request_body.data
-    )
-    response, response_encoding = bodycodec.encode(
-        None if record.response_body is None else record.response_body.data
-    )
+    request, request_encoding, response, response_encoding = encoded_bodies(record)
     return (
         record.started_at_ns,
         _text(record.id),
@@ -683,13 +675,4 @@ def _row(record: StoredRecord) -> _Row:
         response_encoding,
         request,
         response,
-    )
-
-
-def _record(row: Sequence[Any]) -> StoredRecord:
-    metadata = json.loads(row[0])
-    if len(row) == 1:
-        return StoredRecord.from_metadata(metadata)
-    return StoredRecord.from_metadata(
-        metadata, bodycodec.decode(row[1], row[3]), bodycodec.decode(row[2], row[4])
     )

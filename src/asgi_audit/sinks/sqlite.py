@@ -21,7 +21,6 @@ listings never read their overflow pages.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 import threading
@@ -32,8 +31,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..stored import StoredRecord
-from . import bodycodec
-from ._common import dumps_json, ensure_directory
+from ._common import BODY_COLUMNS, dumps_json, encoded_bodies, ensure_directory, record_from_row
 from .base import Query, SinkError
 
 STORE_SCHEMA_VERSION = 1
@@ -87,7 +85,6 @@ _INSERT = """
     ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
-_BODY_COLUMNS = "metadata, request_body, response_body, request_encoding, response_encoding"
 
 _PAGE_ROWS = 256
 _PAGE_ROWS_WITH_BODIES = 16
@@ -130,10 +127,10 @@ class SqliteSink:
 
     def get(self, record_id: str) -> StoredRecord | None:
         row = self._fetch(
-            f"SELECT {_BODY_COLUMNS} FROM records WHERE id = ?",
+            f"SELECT {BODY_COLUMNS} FROM records WHERE id = ?",
             (record_id,),
         )
-        return None if not row else _record(row[0])
+        return None if not row else record_from_row(row[0])
 
     def count(self) -> int:
         rows = self._fetch("SELECT count(*) FROM records", ())
@@ -164,7 +161,7 @@ class SqliteSink:
     def _pages(self, query: Query) -> Iterator[StoredRecord]:
         """Read in keyset pages so that no lock or read transaction spans the caller's loop."""
         where, params = _where(query)
-        columns = _BODY_COLUMNS if query.with_bodies else "metadata"
+        columns = BODY_COLUMNS if query.with_bodies else "metadata"
         order, after = ("DESC", "<") if query.newest_first else ("ASC", ">")
         page_rows = _PAGE_ROWS_WITH_BODIES if query.with_bodies else _PAGE_ROWS
         remaining = query.limit
@@ -183,7 +180,7 @@ class SqliteSink:
             )
             rows = self._fetch(sql, [*page_params, size])
             for row in rows:
-                yield _record(row[2:])
+                yield record_from_row(row[2:])
             if len(rows) < size:
                 return
             last = (rows[-1][0], rows[-1][1])
@@ -276,12 +273,7 @@ def _optional_text(value: str | None) -> str | None:
 
 
 def _row(record: StoredRecord) -> Row:
-    request, request_encoding = bodycodec.encode(
-        None if record.request_body is None else record.request_body.data
-    )
-    response, response_encoding = bodycodec.encode(
-        None if record.response_body is None else record.response_body.data
-    )
+    request, request_encoding, response, response_encoding = encoded_bodies(record)
     return (
         record.id,
         _text(record.stream),
@@ -300,13 +292,4 @@ def _row(record: StoredRecord) -> Row:
         response,
         request_encoding,
         response_encoding,
-    )
-
-
-def _record(row: Sequence[Any]) -> StoredRecord:
-    metadata = json.loads(row[0])
-    if len(row) == 1:
-        return StoredRecord.from_metadata(metadata)
-    return StoredRecord.from_metadata(
-        metadata, bodycodec.decode(row[1], row[3]), bodycodec.decode(row[2], row[4])
     )
