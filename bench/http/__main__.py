@@ -1,0 +1,5 @@
+"""``python -m bench.http``: see ``bench.http.run``."""
+
+from bench.http.run import main
+
+main()
