@@ -57,15 +57,23 @@ def encode_frame(
     for meta, request, response in records:
         encoded = meta if isinstance(meta, bytes) else orjson.dumps(meta)
         parts.append(
-            RECORD_HEADER.pack(
-                len(encoded), sum(len(c) for c in request), sum(len(c) for c in response)
-            )
+            record_header(encoded, sum(len(c) for c in request), sum(len(c) for c in response))
         )
         parts.append(encoded)
         parts.extend(request)
         parts.extend(response)
     payload = b"".join(parts)
-    return FRAME_HEADER.pack(MAGIC, zlib.crc32(payload), len(payload)), payload
+    return frame_header(zlib.crc32(payload), len(payload)), payload
+
+
+def record_header(meta: bytes, request_length: int, response_length: int) -> bytes:
+    """The header of one record inside a payload."""
+    return RECORD_HEADER.pack(len(meta), request_length, response_length)
+
+
+def frame_header(crc: int, length: int) -> bytes:
+    """The header of a frame whose payload of ``length`` bytes has checksum ``crc``."""
+    return FRAME_HEADER.pack(MAGIC, crc, length)
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,10 +110,7 @@ class SegmentWriter:
 
     def append(self, header: bytes, payload: bytes) -> None:
         """Append one frame (header and payload in one system call)."""
-        if self._size and (
-            self._size >= self.segment_bytes or time.monotonic() - self._opened >= self.segment_age
-        ):
-            self._start_segment()
+        self._rotate_if_due()
         expected = len(header) + len(payload)
         try:
             written = os.writev(self._fd, [header, payload])
@@ -129,6 +126,34 @@ class SegmentWriter:
             raise
         self._size += expected
         self.bytes_written += expected
+
+    def append_stream(
+        self, header: bytes, parts: Callable[[], Iterable[bytes]], length: int
+    ) -> None:
+        """Append one frame whose payload (``length`` bytes) is written piece by piece as
+        ``parts()`` yields it: a record too large to join in memory (a spilled body)."""
+        self._rotate_if_due()
+        try:
+            self._write_all(header)
+            for part in parts():
+                self._write_all(part)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise
+        self._size += len(header) + length
+        self.bytes_written += len(header) + length
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def _rotate_if_due(self) -> None:
+        if self._size and (
+            self._size >= self.segment_bytes or time.monotonic() - self._opened >= self.segment_age
+        ):
+            self._start_segment()
 
     def sync(self) -> None:
         """Make everything appended so far durable."""

@@ -25,14 +25,15 @@ import logging
 import os
 import threading
 import time
+import zlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .codec import encode_frame
+from .codec import RECORD_HEADER, encode_frame, frame_header, record_header
 from .config import FsyncPolicy
 from .record import Body, Exchange
 from .recorder import Overflow, RoomSignal, memory_weight
@@ -307,15 +308,23 @@ class SpoolRecorder:
         size = 0
         for exchange in batch:
             try:
-                draft = self._draft(exchange)
+                meta = self._draft(exchange)
             except Exception:
                 self.errors += 1
                 logger.warning("asgi-audit: could not encode a record", exc_info=True)
                 continue
-            records.append(draft)
-            size += sum(map(len, draft[1])) + sum(map(len, draft[2]))
-            # Spilled bodies weigh nothing in the queue but are read into memory here:
-            # bound the frame by the bytes it carries, not by the queue's weights.
+            request, response = _kept(exchange.request_body), _kept(exchange.response_body)
+            carried = _stored_size(request) + _stored_size(response)
+            if carried >= _MAX_FRAME_BYTES:
+                # Spilled bodies weigh nothing in the queue: a large one is streamed from
+                # its spill file into a frame of its own, never held in memory whole.
+                if records:
+                    self._append(writer, records)
+                    records, size = [], 0
+                self._append_large(writer, meta, request, response, carried)
+                continue
+            records.append((meta, _chunks(request), _chunks(response)))
+            size += carried
             if size >= _MAX_FRAME_BYTES:
                 self._append(writer, records)
                 records, size = [], 0
@@ -326,15 +335,43 @@ class SpoolRecorder:
 
     def _append(self, writer: SegmentWriter, records: list[Draft]) -> None:
         header, payload = encode_frame(records)
+        self._retrying(lambda: writer.append(header, payload))
+        self.written += len(records)
+
+    def _append_large(
+        self,
+        writer: SegmentWriter,
+        meta: bytes,
+        request: Body | None,
+        response: Body | None,
+        carried: int,
+    ) -> None:
+        """One record as its own frame, read in blocks twice: once for the checksum the
+        header carries, once to write (the second read comes from the page cache)."""
+        request_size, response_size = _stored_size(request), _stored_size(response)
+
+        def parts() -> Iterator[bytes]:
+            yield record_header(meta, request_size, response_size)
+            yield meta
+            yield from _chunks_of(request)
+            yield from _chunks_of(response)
+
+        crc = 0
+        for part in parts():
+            crc = zlib.crc32(part, crc)
+        length = RECORD_HEADER.size + len(meta) + carried
+        self._retrying(lambda: writer.append_stream(frame_header(crc, length), parts, length))
+        self.written += 1
+
+    def _retrying(self, write: Callable[[], None]) -> None:
         while True:
             try:
-                writer.append(header, payload)
-                break
+                write()
+                return
             except OSError:
                 self.errors += 1
                 logger.warning("asgi-audit: spool write failed; retrying", exc_info=True)
                 time.sleep(min(1.0, self.interval * 4))
-        self.written += len(records)
 
     def _respect_disk_cap(self, batch: list[Exchange]) -> None:
         if self.disk_cap is None:
@@ -361,23 +398,36 @@ class SpoolRecorder:
             self.errors += 1
             logger.warning("asgi-audit: spool sync failed", exc_info=True)
 
-    def _draft(self, exchange: Exchange) -> Draft:
+    def _draft(self, exchange: Exchange) -> bytes:
+        """The record's metadata, redacted and encoded, with the next ``seq``."""
         meta = exchange_metadata(exchange)
         meta["seq"] = self._seq + 1
         meta = run_pipeline(self.pipeline, meta)
         # Encoded here, one record at a time: a record that cannot be encoded (a lone
         # surrogate in a path) is skipped alone, and leaves no gap in ``seq``.
         encoded = orjson.dumps(meta)
-        request = _stored_chunks(exchange.request_body)
-        response = _stored_chunks(exchange.response_body)
         self._seq += 1
-        return encoded, request, response
+        return encoded
 
 
-def _stored_chunks(body: Body | None) -> list[bytes]:
+def _kept(body: Body | None) -> Body | None:
+    """The body whose bytes go into the spool (None when none are kept)."""
     if body is None or body.skipped or body.sent_path is not None:
-        return []
-    return list(body.chunks())
+        return None
+    return body
+
+
+def _stored_size(body: Body | None) -> int:
+    return 0 if body is None else body.stored_size
+
+
+def _chunks_of(body: Body | None) -> Iterator[bytes]:
+    if body is not None:
+        yield from body.chunks()
+
+
+def _chunks(body: Body | None) -> list[bytes]:
+    return list(_chunks_of(body))
 
 
 def _body_metadata(body: Body | None) -> dict[str, Any] | None:
