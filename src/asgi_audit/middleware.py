@@ -257,6 +257,7 @@ class _Capture:
         "started_at",
         "started_mono",
         "status",
+        "template",
         "trailers",
     )
 
@@ -293,6 +294,8 @@ class _Capture:
         self.error: BaseException | None = None
         self.sent_path: str | None = None
         self.active = True
+        self.template: str | None = None
+        """The route template, once routing has run and a decision or the record needed it."""
 
     def _tap(self, keep: bool) -> BodyTap:
         s = self.mw.settings
@@ -411,7 +414,7 @@ class _Capture:
 
     def _decide(self) -> None:
         scope = self.scope
-        template = self.mw.resolver.template(scope, self.root)
+        self.template = template = self.mw.resolver.template(scope, self.root)
         self.rule = self.mw.policy.decide_late(scope, scope["method"], self.path, template)
         if _max_level(self.rule) < Level.REQUEST and self.req is not None:
             self.req.stop_keeping()
@@ -488,7 +491,7 @@ class _Capture:
             request_headers=list(headers),
             started_at_ns=self.started_at,
             started_mono_ns=self.started_mono,
-            route=self.mw.resolver.template(scope, self.root),
+            route=self.template or self.mw.resolver.template(scope, self.root),
             status=self.status,
             response_headers=self.response_headers,
             response_trailers=self.response_trailers,
