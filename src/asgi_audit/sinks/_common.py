@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +105,26 @@ def record_from_row(row: Sequence[Any]) -> StoredRecord:
     return StoredRecord.from_metadata(
         metadata, bodycodec.decode(row[1], row[3]), bodycodec.decode(row[2], row[4])
     )
+
+
+PageFetch = Callable[[tuple[int, str] | None, int], Sequence[Sequence[Any]]]
+"""``(after, size) -> rows``: up to ``size`` rows ``(started_at_ns, id, *BODY_COLUMNS or
+metadata)`` past the keyset position ``after`` (None: from the start), in query order."""
+
+
+def keyset_pages(limit: int | None, page_rows: int, fetch: PageFetch) -> Iterator[StoredRecord]:
+    """Records page by page on ``(started_at_ns, id)``, the way both SQL stores read: no
+    cursor or transaction spans the caller's loop, and each page is an index range scan
+    however far in it starts."""
+    remaining = limit
+    last: tuple[int, str] | None = None
+    while remaining is None or remaining > 0:
+        size = page_rows if remaining is None else min(page_rows, remaining)
+        rows = fetch(last, size)
+        for row in rows:
+            yield record_from_row(row[2:])
+        if len(rows) < size:
+            return
+        last = (rows[-1][0], rows[-1][1])
+        if remaining is not None:
+            remaining -= len(rows)

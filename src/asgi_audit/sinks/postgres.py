@@ -66,7 +66,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import ConfigError
 from ..stored import StoredRecord
-from ._common import BODY_COLUMNS, dumps_json, encoded_bodies, record_from_row
+from ._common import BODY_COLUMNS, dumps_json, encoded_bodies, keyset_pages, record_from_row
 from .base import Query, SinkError
 
 STORE_SCHEMA_VERSION = 1
@@ -505,15 +505,11 @@ class PostgresSink:
     # Reading
 
     def _pages(self, query: Query) -> Iterator[StoredRecord]:
-        """Keyset pages on (started_at_ns, id): no cursor or transaction spans the caller's
-        loop, and each page is an index range scan whatever the offset."""
         where, params = _where(query)
         columns = BODY_COLUMNS if query.with_bodies else "metadata"
         order, after, bound = ("DESC", "<", "<=") if query.newest_first else ("ASC", ">", ">=")
-        page_rows = _PAGE_ROWS_WITH_BODIES if query.with_bodies else _PAGE_ROWS
-        remaining = query.limit
-        last: tuple[int, str] | None = None
-        while remaining is None or remaining > 0:
+
+        def fetch(last: tuple[int, str] | None, size: int) -> Sequence[Sequence[Any]]:
             conditions = list(where)
             page_params = list(params)
             if last is not None:
@@ -522,20 +518,15 @@ class PostgresSink:
                 conditions.append(f"started_at_ns {bound} %s")
                 conditions.append(f"(started_at_ns, id) {after} (%s, %s)")
                 page_params.extend((last[0], *last))
-            size = page_rows if remaining is None else min(page_rows, remaining)
             statement = sql.SQL(
                 f"SELECT started_at_ns, id, {columns} FROM {{t}}"
                 f"{' WHERE ' + ' AND '.join(conditions) if conditions else ''}"
                 f" ORDER BY started_at_ns {order}, id {order} LIMIT %s"
             ).format(**self._names)
-            rows = self._fetch(statement, [*page_params, size], binary=query.with_bodies)
-            for row in rows:
-                yield record_from_row(row[2:])
-            if len(rows) < size:
-                return
-            last = (rows[-1][0], rows[-1][1])
-            if remaining is not None:
-                remaining -= len(rows)
+            return self._fetch(statement, [*page_params, size], binary=query.with_bodies)
+
+        page_rows = _PAGE_ROWS_WITH_BODIES if query.with_bodies else _PAGE_ROWS
+        return keyset_pages(query.limit, page_rows, fetch)
 
 
 _MIGRATIONS: dict[int, tuple[str, ...]] = {

@@ -31,7 +31,14 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..stored import StoredRecord
-from ._common import BODY_COLUMNS, dumps_json, encoded_bodies, ensure_directory, record_from_row
+from ._common import (
+    BODY_COLUMNS,
+    dumps_json,
+    encoded_bodies,
+    ensure_directory,
+    keyset_pages,
+    record_from_row,
+)
 from .base import Query, SinkError
 
 STORE_SCHEMA_VERSION = 1
@@ -159,33 +166,25 @@ class SqliteSink:
                 raise SinkError(f"{self!r}: query failed: {exc}") from exc
 
     def _pages(self, query: Query) -> Iterator[StoredRecord]:
-        """Read in keyset pages so that no lock or read transaction spans the caller's loop."""
         where, params = _where(query)
         columns = BODY_COLUMNS if query.with_bodies else "metadata"
         order, after = ("DESC", "<") if query.newest_first else ("ASC", ">")
-        page_rows = _PAGE_ROWS_WITH_BODIES if query.with_bodies else _PAGE_ROWS
-        remaining = query.limit
-        last: tuple[int, str] | None = None
-        while remaining is None or remaining > 0:
+
+        def fetch(last: tuple[int, str] | None, size: int) -> list[Row]:
             conditions = list(where)
             page_params = list(params)
             if last is not None:
                 conditions.append(f"(started_at_ns, id) {after} (?, ?)")
                 page_params.extend(last)
-            size = page_rows if remaining is None else min(page_rows, remaining)
             sql = (
                 f"SELECT started_at_ns, id, {columns} FROM records"
                 f"{' WHERE ' + ' AND '.join(conditions) if conditions else ''}"
                 f" ORDER BY started_at_ns {order}, id {order} LIMIT ?"
             )
-            rows = self._fetch(sql, [*page_params, size])
-            for row in rows:
-                yield record_from_row(row[2:])
-            if len(rows) < size:
-                return
-            last = (rows[-1][0], rows[-1][1])
-            if remaining is not None:
-                remaining -= len(rows)
+            return self._fetch(sql, [*page_params, size])
+
+        page_rows = _PAGE_ROWS_WITH_BODIES if query.with_bodies else _PAGE_ROWS
+        return keyset_pages(query.limit, page_rows, fetch)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
