@@ -29,6 +29,7 @@ from pathlib import Path
 
 from asgi_audit.sinks import Store, open_sink
 from asgi_audit.stored import StoredBody, StoredRecord
+from bench.postgres import drop_postgres_table, postgres_reachable
 from bench.recording import order_json
 
 BATCH_SIZES = (1, 10, 50, 200)
@@ -98,14 +99,9 @@ def jsonl_url(scratch: Path) -> Iterator[str]:
 
 def postgres_maker(server: str) -> UrlMaker | str:
     """A maker of fresh-table URLs on ``server``, or why the server cannot be used."""
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg is not installed (pip install 'asgi-audit[postgres]')"
-    try:
-        psycopg.connect(server, connect_timeout=3).close()
-    except psycopg.Error as exc:
-        return f"not reachable at {server}: {' '.join(str(exc).split())}"
+    reason = postgres_reachable(server)
+    if reason is not None:
+        return reason
 
     @contextmanager
     def url(scratch: Path) -> Iterator[str]:
@@ -113,9 +109,7 @@ def postgres_maker(server: str) -> UrlMaker | str:
         try:
             yield f"{server}{'&' if '?' in server else '?'}table={table}"
         finally:
-            with psycopg.connect(server, autocommit=True) as admin:
-                admin.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
-                admin.execute(f"DROP TABLE IF EXISTS {table}_schema_version")
+            drop_postgres_table(server, table)
 
     return url
 

@@ -43,6 +43,7 @@ from pathlib import Path
 import httpx
 
 from asgi_audit.sinks import open_sink
+from bench.postgres import drop_postgres_table, postgres_reachable
 from bench.recording import order_json
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,27 +100,6 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-def postgres_reachable(server: str) -> str | None:
-    """``None`` when the PostgreSQL server answers, else why it cannot be used."""
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg is not installed (pip install 'asgi-audit[postgres]')"
-    try:
-        psycopg.connect(server, connect_timeout=3).close()
-    except psycopg.Error as exc:
-        return f"not reachable at {server}: {' '.join(str(exc).split())}"
-    return None
-
-
-def drop_postgres_table(server: str, table: str) -> None:
-    import psycopg
-
-    with psycopg.connect(server, autocommit=True, connect_timeout=3) as admin:
-        admin.execute(f'DROP TABLE IF EXISTS "{table}" CASCADE')
-        admin.execute(f'DROP TABLE IF EXISTS "{table}_schema_version"')
 
 
 @contextlib.contextmanager
