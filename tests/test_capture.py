@@ -846,6 +846,44 @@ def test_overflow_block_waits_for_room_without_blocking_the_loop(consumer: str) 
 
 
 @pytest.mark.timeout(30)
+def test_overflow_block_holds_the_last_message_while_the_recorder_is_full() -> None:
+    """Once the recorder has refused an exchange, later responses wait for room before
+    their last message: a keep-alive client cannot run ahead of the recorder and pile up
+    finished exchanges in memory."""
+    recorder = MemoryRecorder(max_records=1)
+    messages = response(b"done")
+    audited = middleware(ReplayApp(messages), recorder, overflow="block")
+
+    async def settle() -> None:
+        for _ in range(50):
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        await audited(http_scope(), Client(request(b"1")).receive, Client().send)
+        second_client, third_client = Client(request(b"2")), Client(request(b"3"))
+        second = asyncio.create_task(
+            audited(http_scope(), second_client.receive, second_client.send)
+        )
+        await settle()
+        assert same_objects(second_client.sent, messages)  # refused only once it finished
+        third = asyncio.create_task(audited(http_scope(), third_client.receive, third_client.send))
+        await settle()
+        assert same_objects(third_client.sent, messages[:-1])  # the last message is held
+        assert not second.done() and not third.done()
+        assert recorder.take() is not None  # room: the second goes in, the third goes out
+        await asyncio.wait_for(second, 10)
+        await settle()
+        assert same_objects(third_client.sent, messages)
+        assert recorder.take() is not None
+        await asyncio.wait_for(third, 10)
+
+    asyncio.run(main())
+    [third_exchange] = recorder.take_all()
+    check_body(third_exchange.request_body, b"3")
+    assert audited.dropped == 0
+
+
+@pytest.mark.timeout(30)
 def test_overflow_block_on_a_byte_bound_waits_for_room_without_spinning() -> None:
     """A recorder full by bytes (not count) makes the exchange wait, not spin the loop."""
     recorder = MemoryRecorder(max_records=100, max_bytes=1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from asgi_audit.codec import (
     FRAME_HEADER,
+    PACKED,
     Frame,
     SpooledRecord,
     Tail,
@@ -20,6 +22,7 @@ from asgi_audit.codec import (
     encode_frame,
     read_frames,
 )
+from asgi_audit.sinks import bodycodec
 
 Draft = tuple[dict[str, Any], list[bytes], list[bytes]]
 
@@ -33,7 +36,7 @@ metas = st.dictionaries(
         st.dictionaries(latin1, json_scalars, max_size=4),
     ),
     max_size=8,
-)
+).filter(lambda meta: PACKED not in meta)  # the codec's own key: never in a record's meta
 chunk_lists = st.lists(st.binary(max_size=300), max_size=5)
 drafts = st.tuples(metas, chunk_lists, chunk_lists)
 frames = st.lists(st.lists(drafts, max_size=5), min_size=1, max_size=5)
@@ -172,3 +175,30 @@ def test_large_payload_spanning_read_blocks(tmp_path: Path) -> None:
     with open(path, "r+b") as handle:
         handle.truncate(offsets[-1] - 1)
     assert read_all(path) == ([], Tail(0, "torn"))
+
+
+pieces = st.lists(st.tuples(st.binary(min_size=1, max_size=50), st.integers(1, 200)), max_size=6)
+
+
+@given(pieces)
+@settings(max_examples=200, deadline=None)
+def test_packed_body_unpacks_exactly_and_is_packed_when_a_store_would(
+    parts: list[tuple[bytes, int]],
+) -> None:
+    """A packed body unpacks to itself, says its size, and is packed exactly when zstd
+    saves a tenth (as a store would decide on its own)."""
+    whole = b"".join(piece * times for piece, times in parts)
+    packed = bodycodec.pack(whole)
+    _, encoding = bodycodec.encode(whole)
+    if packed is None:
+        assert encoding == "identity"
+    else:
+        assert encoding == "zstd" and bodycodec.decode(packed, "zstd") == whole
+        assert bodycodec.packed_size(packed) == len(whole)
+        assert len(packed) * 10 <= len(whole) * 9 and len(whole) >= bodycodec.MIN_SIZE
+
+
+def test_repetitive_body_is_packed_and_random_one_is_not() -> None:
+    """The property above is not vacuous: both outcomes happen."""
+    assert bodycodec.pack(b"ab" * 1000) is not None
+    assert bodycodec.pack(random.Random(5).randbytes(4000)) is None

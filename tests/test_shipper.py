@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -591,3 +593,42 @@ def test_a_sidecar_waits_for_a_store_that_cannot_be_opened_yet(tmp_path: Path) -
             shipper.wait(30)
         if shipper.stderr is not None:
             shipper.stderr.close()
+
+
+def test_compressible_bodies_travel_packed_and_are_compressed_once(tmp_path: Path) -> None:
+    """JSON-like bodies are zstd-packed in the spool (a fraction of their size on disk),
+    come back exact with their digests, and the store keeps the spool's packed bytes as
+    they are; incompressible bodies travel as captured."""
+    spool = tmp_path / "spool"
+    document = b'{"lines": [%s]}' % b", ".join(
+        b'{"sku": "SKU-%06d", "quantity": %d}' % (i, i % 7) for i in range(6000)
+    )
+    noise = random.Random(3).randbytes(50_000)
+    data = [document, noise, b"tiny"]
+    dead_spool(spool, data, memory_limit=1 << 20)
+    raw = sum(len(body) for body in data) * 2
+    on_disk = sum(path.stat().st_size for path in spool.rglob("*") if path.is_file())
+    assert on_disk < raw / 3  # the document (2 x ~210 kB) shrinks; the noise does not
+    by_body = {r.request: r for r in spooled(spool)}
+    assert set(by_body) == set(data) and all("spool_packed" not in r.meta for r in by_body.values())
+    packed = by_body[document]
+    assert packed.request_packed is not None and packed.response_packed is not None
+    assert len(packed.request_packed) < len(document) / 5
+    assert by_body[noise].request_packed is None and by_body[b"tiny"].request_packed is None
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    with closing(open_sink(url)) as sink:
+        assert Shipper(spool, sink).ship_once().delivered == 3
+        check_delivered(all_records(sink), data)
+    with closing(sqlite3.connect(tmp_path / "audit.db")) as db:
+        rows = db.execute(
+            "SELECT request_body, request_encoding, response_encoding FROM records"
+        ).fetchall()
+        described = [json.loads(m) for (m,) in db.execute("SELECT metadata FROM records")]
+    kept = {encoding: body for body, encoding, _ in rows}
+    assert kept["zstd"] == packed.request_packed  # compressed in the spool writer only
+    assert sorted(encoding for _, _, encoding in rows) == ["identity", "identity", "zstd"]
+    # bodies that reached the store packed only are still described by their plain size
+    sizes = sorted(
+        m["request_body"]["stored_size"] for m in described if m["request_body"]["stored"]
+    )
+    assert sizes == sorted(len(body) for body in data)

@@ -6,7 +6,8 @@ comes from the environment, because a server started as a subprocess can only be
 its environment or its command line:
 
 * ``BENCH_HTTP_VARIANT``: ``baseline`` (default), ``recipe-middleware``, ``recipe-route``,
-  ``asgi-audit``, ``asgi-audit-postgres`` (the last two differ only in their sink URL);
+  ``asgi-audit``, ``asgi-audit-drop`` (``overflow="drop"``), ``asgi-audit-postgres`` (the
+  SQLite and PostgreSQL ones differ only in their sink URL);
 * ``BENCH_HTTP_LOG``: the file the recipes log bodies to (required by the recipes);
 * ``BENCH_HTTP_SINK`` / ``BENCH_HTTP_SPOOL``: asgi-audit's store URL and spool directory.
 
@@ -31,7 +32,14 @@ from starlette.background import BackgroundTask
 from asgi_audit import AuditMiddleware
 from asgi_audit._types import Message
 
-VARIANTS = ("baseline", "recipe-middleware", "recipe-route", "asgi-audit", "asgi-audit-postgres")
+VARIANTS = (
+    "baseline",
+    "recipe-middleware",
+    "recipe-route",
+    "asgi-audit",
+    "asgi-audit-drop",
+    "asgi-audit-postgres",
+)
 STREAM_CHUNK = 64 << 10
 _CHUNK = b"x" * STREAM_CHUNK
 
@@ -151,6 +159,12 @@ def add_endpoints(app: FastAPI, route_class: type[APIRoute] = APIRoute) -> None:
     async def unaudited() -> Response:
         return Response(b"ok", media_type="text/plain")
 
+    @app.get("/bench/dropped")
+    async def dropped() -> dict[str, int]:
+        """Exchanges the middleware dropped (``overflow="drop"``), for the runner."""
+        audit = find_audit_middleware(app)
+        return {"dropped": audit.dropped if audit is not None else 0}
+
     @router.get("/stream/{mb}")
     async def stream(mb: int) -> StreamingResponse:
         async def chunks() -> AsyncIterator[bytes]:
@@ -160,6 +174,16 @@ def add_endpoints(app: FastAPI, route_class: type[APIRoute] = APIRoute) -> None:
         return StreamingResponse(chunks(), media_type="application/octet-stream")
 
     app.include_router(router)
+
+
+def find_audit_middleware(app: FastAPI) -> AuditMiddleware | None:
+    """The ``AuditMiddleware`` in ``app``'s built middleware stack, if any."""
+    layer: Any = app.middleware_stack
+    while layer is not None:
+        if isinstance(layer, AuditMiddleware):
+            return layer
+        layer = getattr(layer, "app", None)
+    return None
 
 
 def create_app(
@@ -184,7 +208,14 @@ def create_app(
     elif variant.startswith("asgi-audit"):
         if sink is None or spool is None:
             raise ValueError(f"{variant} needs BENCH_HTTP_SINK and BENCH_HTTP_SPOOL")
-        app.add_middleware(AuditMiddleware, sink=sink, spool=spool, exclude=["/unaudited"])
+        overflow = "drop" if variant == "asgi-audit-drop" else "block"
+        app.add_middleware(
+            AuditMiddleware,
+            sink=sink,
+            spool=spool,
+            overflow=overflow,
+            exclude=["/unaudited", "/bench/*"],
+        )
     return app
 
 

@@ -10,6 +10,9 @@ waits behind a busy event loop; see docs/architecture.md).
     record  = len(meta) u32 | len(request bytes) u64 | len(response bytes) u64
               | meta (JSON) | request bytes | response bytes
 
+A body may be kept zstd-packed (``bodycodec.pack``): the meta's ``spool_packed`` lists
+which, and the reader unpacks them, so what it yields is always the captured bytes.
+
 The length lets a reader tell a frame cut short by a crash (the file ends inside it) from
 a complete one; the checksum catches bytes that changed on disk.
 """
@@ -25,10 +28,15 @@ from typing import Any
 
 import orjson
 
+from .sinks import bodycodec
+
 MAGIC = b"AAB1"
 FRAME_HEADER = struct.Struct("<4sIQ")
 RECORD_HEADER = struct.Struct("<IQQ")
 _READ_BLOCK = 4 << 20
+PACKED = "spool_packed"
+"""Meta key: which of the record's bodies the spool holds zstd-packed ("request",
+"response"); absent when both are as captured."""
 
 
 class CorruptFrame(Exception):
@@ -41,7 +49,10 @@ class SpooledRecord:
 
     meta: dict[str, Any]
     request: bytes
+    """The captured bytes; empty when they were left packed (a packed body never is)."""
     response: bytes
+    request_packed: bytes | None = None
+    response_packed: bytes | None = None
 
 
 def encode_frame(
@@ -138,8 +149,9 @@ def _read_exactly(handle: Any, length: int) -> bytes | None:
     return b"".join(parts)
 
 
-def decode_payload(payload: bytes) -> Iterator[SpooledRecord]:
-    """The records of one verified frame."""
+def decode_payload(payload: bytes, unpack: bool = True) -> Iterator[SpooledRecord]:
+    """The records of one verified frame; with ``unpack`` False, packed bodies are given
+    packed only (for a store that keeps them so)."""
     view = memoryview(payload)
     position = 0
     while position < len(view):
@@ -151,4 +163,20 @@ def decode_payload(payload: bytes) -> Iterator[SpooledRecord]:
         position += request_length
         response = bytes(view[position : position + response_length])
         position += response_length
-        yield SpooledRecord(meta, request, response)
+        packed = meta.pop(PACKED, ())
+        if not packed:
+            yield SpooledRecord(meta, request, response)
+            continue
+        request_packed = request if "request" in packed else None
+        response_packed = response if "response" in packed else None
+        yield SpooledRecord(
+            meta,
+            request if request_packed is None else _unpack(request_packed, unpack),
+            response if response_packed is None else _unpack(response_packed, unpack),
+            request_packed,
+            response_packed,
+        )
+
+
+def _unpack(packed: bytes, unpack: bool) -> bytes:
+    return (bodycodec.decode(packed, "zstd") or b"") if unpack else b""

@@ -119,6 +119,8 @@ class AuditMiddleware:
             self.delivery = Delivery(self.settings, lambda: self.identity().stream)
             recorder = self.delivery.recorder
         self.recorder: Recorder = recorder
+        self.blocks = self.settings.overflow == "block"
+        """Whether a full recorder holds responses back (else exchanges are dropped)."""
         self.in_flight = 0
         self.resolver = TemplateResolver()
         self.dropped = 0
@@ -193,7 +195,7 @@ class AuditMiddleware:
         try:
             if self.recorder.try_submit(exchange):
                 return
-            if self.settings.overflow == "drop":
+            if not self.blocks:
                 self._drop(exchange)
                 return
             while True:
@@ -209,7 +211,7 @@ class AuditMiddleware:
     def hand_off_now(self, exchange: Exchange) -> None:
         """Hand off without waiting (the exchange was cancelled): accept past the bounds."""
         try:
-            if not self.recorder.try_submit(exchange, force=self.settings.overflow == "block"):
+            if not self.recorder.try_submit(exchange, force=self.blocks):
                 self._drop(exchange)
         except Exception:
             self._fail(exchange)
@@ -361,6 +363,7 @@ class _Capture:
             self.disconnected = True
 
     async def send(self, message: Message) -> None:
+        completes = False
         if self.active:
             tap = self.resp
             if tap is not None and tap.backlogged:
@@ -369,13 +372,22 @@ class _Capture:
                 self._on_send(message)
             except Exception:
                 self._abandon()
+            completes = self._completes(message)
+            if completes and self.mw.blocks:
+                # Backpressure for overflow="block": while the recorder is full, hold the
+                # response's last message. Once it is sent the client (and the server, on
+                # a keep-alive connection) goes on to the next request, so waiting after
+                # it would let finished exchanges pile up without bound. A recorder that
+                # fails here fails again at the hand-off, which counts it.
+                with contextlib.suppress(Exception):
+                    await self.mw.recorder.room()
         try:
             await self._send(message)
         except OSError:
             if not self.response_complete:
                 self.disconnected = True
             raise
-        if self.active and self._completes(message):
+        if completes and self.active:
             self.response_complete = True
 
     def _on_send(self, message: Message) -> None:

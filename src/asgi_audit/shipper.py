@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .codec import Frame, SpooledRecord, Tail, decode_payload, read_frames
-from .sinks import Store, open_sink
+from .sinks import Store, bodycodec, open_sink
 from .sinks.base import Sink
 from .spool import Checkpoint, StreamDirectory, streams, try_lock, unlock
 from .stored import StoredRecord
@@ -59,17 +59,30 @@ class ShipReport:
 
 
 def stored_record(spooled: SpooledRecord) -> StoredRecord:
-    """Settle a spooled record: digests computed where the tap left them out."""
+    """Settle a spooled record: digests computed where the tap and the spool writer left
+    them out; bodies left packed (``decode_payload(unpack=False)``) stay packed only."""
     meta = dict(spooled.meta)
-    for name, data in (("request_body", spooled.request), ("response_body", spooled.response)):
+    kept: list[bytes | None] = []
+    for name, data, packed in (
+        ("request_body", spooled.request, spooled.request_packed),
+        ("response_body", spooled.response, spooled.response_packed),
+    ):
+        packed_only = packed is not None and not data  # a packed body is never empty
+        kept.append(None if packed_only else data)
         body = meta.get(name)
         if body is None:
             continue
         body = dict(body)
         if not body.get("sha256"):
-            body["sha256"] = _digest(body, data)
+            plain = bodycodec.decode(packed, "zstd") if packed_only else data
+            body["sha256"] = _digest(body, plain or b"")
         meta[name] = body
-    return StoredRecord.from_metadata(meta, spooled.request, spooled.response)
+    record = StoredRecord.from_metadata(meta, kept[0], kept[1])
+    if record.request_body is not None:
+        record.request_body.packed = spooled.request_packed
+    if record.response_body is not None:
+        record.response_body.packed = spooled.response_packed
+    return record
 
 
 def _digest(body: dict[str, Any], data: bytes) -> str:
@@ -102,6 +115,8 @@ class Shipper:
     ) -> None:
         self.root = Path(spool)
         self.sink = sink
+        self.unpack = not getattr(sink, "keeps_packed", False)
+        """Stores that keep packed bodies as they are get them packed only (Sink docs)."""
         self.batch_records = batch_records
         self.batch_bytes = batch_bytes
         self.keep_delivered = keep_delivered
@@ -166,10 +181,11 @@ class Shipper:
             start = checkpoint.offset if segment == checkpoint.segment else 0
             for item in read_frames(stream.directory / segment, start):
                 if isinstance(item, Frame):
-                    for spooled in decode_payload(item.payload):
+                    for spooled in decode_payload(item.payload, unpack=self.unpack):
                         record = stored_record(spooled)
                         batch.append(record)
-                        size += len(spooled.request) + len(spooled.response)
+                        size += len(spooled.request_packed or spooled.request)
+                        size += len(spooled.response_packed or spooled.response)
                     position = Checkpoint(segment, item.end, position.delivered)
                     if len(batch) >= self.batch_records or size >= self.batch_bytes:
                         position = self._deliver(stream, batch, position, report, deadline, stop)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -28,16 +29,18 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .codec import RECORD_HEADER, encode_frame, frame_header, record_header
+from .codec import PACKED, RECORD_HEADER, encode_frame, frame_header, record_header
 from .config import FsyncPolicy
 from .record import Body, Exchange
 from .recorder import Overflow, RoomSignal, memory_weight
 from .redact import DEFAULT_SECRET_HEADERS, Step, header_redactor, run_pipeline
+from .sinks import bodycodec
 from .spool import SegmentWriter, spool_bytes
 
 logger = logging.getLogger("asgi_audit.recorder")
@@ -108,6 +111,7 @@ class SpoolRecorder:
         self._thread: threading.Thread | None = None
         self._room = RoomSignal()
         self._writer: SegmentWriter | None = None
+        self._hasher: ThreadPoolExecutor | None = None
         self._seq = 0
         self.stream = ""
 
@@ -227,6 +231,9 @@ class SpoolRecorder:
         last_sync = last_tick = time.monotonic()
         unsynced = False
         written = 0  # records written since the last sync: acknowledged once synced
+        # Hashing a body runs beside its compression (both without the GIL): the writer
+        # is one thread, and doing both in turn made it the pipeline's slowest stage.
+        hasher = self._hasher = ThreadPoolExecutor(1, thread_name_prefix="asgi-audit-hasher")
         try:
             while True:
                 with self._lock:
@@ -268,6 +275,7 @@ class SpoolRecorder:
                 if closing:
                     break
         finally:
+            hasher.shutdown(wait=True)
             with contextlib.suppress(Exception):
                 writer.close()
             with self._lock:
@@ -307,15 +315,23 @@ class SpoolRecorder:
         records: list[Draft] = []
         size = 0
         for exchange in batch:
+            request, response = _kept(exchange.request_body), _kept(exchange.response_body)
+            carried = _stored_size(request) + _stored_size(response)
+            large = carried >= _MAX_FRAME_BYTES
             try:
-                meta = self._draft(exchange)
+                if large:
+                    meta = self._draft(exchange)
+                else:
+                    packed: list[str] = []
+                    digests: dict[str, str] = {}
+                    request_chunks = self._pack(request, "request", packed, digests)
+                    response_chunks = self._pack(response, "response", packed, digests)
+                    meta = self._draft(exchange, packed, digests)
             except Exception:
                 self.errors += 1
                 logger.warning("asgi-audit: could not encode a record", exc_info=True)
                 continue
-            request, response = _kept(exchange.request_body), _kept(exchange.response_body)
-            carried = _stored_size(request) + _stored_size(response)
-            if carried >= _MAX_FRAME_BYTES:
+            if large:
                 # Spilled bodies weigh nothing in the queue: a large one is streamed from
                 # its spill file into a frame of its own, never held in memory whole.
                 if records:
@@ -323,7 +339,7 @@ class SpoolRecorder:
                     records, size = [], 0
                 self._append_large(writer, meta, request, response, carried)
                 continue
-            records.append((meta, _chunks(request), _chunks(response)))
+            records.append((meta, request_chunks, response_chunks))
             size += carried
             if size >= _MAX_FRAME_BYTES:
                 self._append(writer, records)
@@ -398,11 +414,44 @@ class SpoolRecorder:
             self.errors += 1
             logger.warning("asgi-audit: spool sync failed", exc_info=True)
 
-    def _draft(self, exchange: Exchange) -> bytes:
-        """The record's metadata, redacted and encoded, with the next ``seq``."""
+    def _pack(
+        self, body: Body | None, name: str, packed: list[str], digests: dict[str, str]
+    ) -> list[bytes]:
+        """The body's bytes as the spool keeps them: zstd-packed when that pays (``name``
+        is then added to ``packed``). Its SHA-256 goes into ``digests`` unless the tap
+        knows it already, so that the shipper need not hash, or unpack, it. Packing here,
+        without the GIL, spares the copy into the frame, the checksums, the write, the
+        sync and the shipper's read most of their bytes."""
+        chunks = _chunks(body)
+        if body is None or body.stored_size < bodycodec.MIN_SIZE:
+            return chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        hasher = self._hasher
+        assert hasher is not None  # made by the writer thread, the only caller
+        digest = None if body.known_sha256() else hasher.submit(_sha256, data)
+        small = bodycodec.pack(data)
+        if digest is not None:
+            digests[name] = digest.result()
+        if small is None:
+            return chunks
+        packed.append(name)
+        return [small]
+
+    def _draft(
+        self,
+        exchange: Exchange,
+        packed: list[str] | None = None,
+        digests: dict[str, str] | None = None,
+    ) -> bytes:
+        """The record's metadata, redacted and encoded, with the next ``seq``; ``packed``
+        names the bodies the spool keeps zstd-packed, ``digests`` the ones computed here."""
         meta = exchange_metadata(exchange)
         meta["seq"] = self._seq + 1
         meta = run_pipeline(self.pipeline, meta)
+        if packed:
+            meta[PACKED] = packed
+        for name, digest in (digests or {}).items():
+            meta[f"{name}_body"]["sha256"] = digest
         # Encoded here, one record at a time: a record that cannot be encoded (a lone
         # surrogate in a path) is skipped alone, and leaves no gap in ``seq``.
         encoded = orjson.dumps(meta)
@@ -428,6 +477,10 @@ def _chunks_of(body: Body | None) -> Iterator[bytes]:
 
 def _chunks(body: Body | None) -> list[bytes]:
     return list(_chunks_of(body))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _body_metadata(body: Body | None) -> dict[str, Any] | None:

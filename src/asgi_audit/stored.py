@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from .sinks import bodycodec
+
 SCHEMA_VERSION = 1
 
 HeaderList = list[tuple[str, str]]
@@ -28,10 +30,21 @@ class StoredBody:
     truncated: bool = False
     complete: bool = True
     sent_path: str | None = None
+    packed: bytes | None = field(default=None, compare=False, repr=False)
+    """The kept bytes as the spool packed them (zstd), which a store keeps as they are.
+    On the way to a store that keeps packed bodies, ``data`` is None and only these are
+    set: the shipper does not unpack what nobody reads."""
+
+    @property
+    def stored(self) -> bool:
+        """Whether any bytes were kept (as ``data``, or packed only)."""
+        return self.data is not None or self.packed is not None
 
     @property
     def stored_size(self) -> int:
-        return 0 if self.data is None else len(self.data)
+        if self.data is not None:
+            return len(self.data)
+        return 0 if self.packed is None else bodycodec.packed_size(self.packed)
 
 
 @dataclass(slots=True)
@@ -122,7 +135,7 @@ def body_metadata(body: StoredBody) -> dict[str, Any]:
     return {
         "size": body.size,
         "sha256": body.sha256,
-        "stored": body.data is not None,
+        "stored": body.stored,
         "stored_size": body.stored_size,
         "truncated": body.truncated,
         "complete": body.complete,

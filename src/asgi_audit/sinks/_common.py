@@ -88,12 +88,8 @@ BODY_COLUMNS = "metadata, request_body, response_body, request_encoding, respons
 
 def encoded_bodies(record: StoredRecord) -> tuple[bytes | None, str, bytes | None, str]:
     """(request, its encoding, response, its encoding) as the SQL stores keep them."""
-    request, request_encoding = bodycodec.encode(
-        None if record.request_body is None else record.request_body.data
-    )
-    response, response_encoding = bodycodec.encode(
-        None if record.response_body is None else record.response_body.data
-    )
+    request, request_encoding = bodycodec.encode_body(record.request_body)
+    response, response_encoding = bodycodec.encode_body(record.response_body)
     return request, request_encoding, response, response_encoding
 
 

@@ -46,7 +46,11 @@ class Sink(Protocol):
     """Where the shipper delivers records."""
 
     def write_batch(self, records: Sequence[StoredRecord]) -> None:
-        """Store ``records`` durably; a record whose id is already stored is skipped."""
+        """Store ``records`` durably; a record whose id is already stored is skipped.
+
+        A sink class that sets ``keeps_packed = True`` stores bodies through
+        :func:`asgi_audit.sinks.bodycodec.encode_body`: it may then be given bodies whose
+        ``data`` is None and whose ``packed`` holds them zstd-packed, as the spool did."""
         ...
 
     def close(self) -> None:

@@ -1,19 +1,26 @@
-"""How stores keep body bytes: zstd-compressed when that pays, always given back exactly.
+"""How bodies are kept: zstd-compressed when that pays, always given back exactly.
 
 Audited bodies are mostly JSON, which zstd at level 1 shrinks about ninefold for about
 1.3 ms per MB; a store that writes a ninth of the bytes keeps up with far more exchanges
-(SQLite wrote ~68 MB/s of raw 1 MB bodies here). Compression runs where the store runs,
-in the shipper, away from the app. Bodies that do not shrink by a tenth (already
-compressed, random) are kept as they are. The encoding is stored beside the bytes, and
-the reader decompresses: what comes back is exactly what was captured.
+(SQLite wrote ~68 MB/s of raw 1 MB bodies here). Bodies that do not shrink by a tenth
+(already compressed, random) are kept as they are. The encoding is stored beside the
+bytes, and the reader decompresses: what comes back is exactly what was captured.
+
+The spool writer packs bodies once (and hashes them: both run without the GIL), before
+they are copied, checksummed, written, synced and read back; the stores keep that same
+packed form, so a body is compressed once on its way from the app to the store and is
+not unpacked on the way (:func:`encode_body`).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import zstandard
+
+if TYPE_CHECKING:
+    from ..stored import StoredBody
 
 Encoding = Literal["identity", "zstd"]
 
@@ -49,6 +56,29 @@ def encode(data: bytes | None) -> tuple[bytes | None, Encoding]:
     if len(packed) * 10 > len(data) * 9:
         return data, "identity"
     return packed, "zstd"
+
+
+def pack(data: bytes) -> bytes | None:
+    """``data`` as one zstd frame, or None when that does not pay: the bytes
+    :func:`encode` would store for it."""
+    if len(data) < MIN_SIZE:
+        return None
+    packed = _compressor().compress(data)
+    return None if len(packed) * 10 > len(data) * 9 else packed
+
+
+def packed_size(packed: bytes) -> int:
+    """How many bytes a packed body unpacks to (its zstd frame header says)."""
+    return int(zstandard.frame_content_size(packed))
+
+
+def encode_body(body: StoredBody | None) -> tuple[bytes | None, Encoding]:
+    """What a store keeps of ``body``: its packed form when the spool made one."""
+    if body is None:
+        return None, "identity"
+    if body.packed is not None:
+        return body.packed, "zstd"
+    return encode(body.data)
 
 
 def decode(stored: bytes | None, encoding: str | None) -> bytes | None:

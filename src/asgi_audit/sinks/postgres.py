@@ -206,6 +206,9 @@ class PostgresSink:
     ``create=False`` (readers such as the CLI) refuses a table that does not exist rather
     than creating an empty one under a mistyped name, and creates no partitions."""
 
+    keeps_packed = True
+    """Bodies the spool packed are stored as they are (see ``Sink.write_batch``)."""
+
     def __init__(self, url: str, *, create: bool = True) -> None:
         parsed = parse_url(url)
         self.table = parsed.table

@@ -276,8 +276,8 @@ class _Frame:
 def encode_frame(record: StoredRecord, meta: dict[str, Any]) -> list[bytes]:
     """The frame of one record as a header and its three parts (joined by the caller)."""
     meta_bytes, meta_encoding = bodycodec.encode(dumps_json(meta).encode("utf-8"))
-    request, request_encoding = bodycodec.encode(_data(record.request_body))
-    response, response_encoding = bodycodec.encode(_data(record.response_body))
+    request, request_encoding = bodycodec.encode_body(record.request_body)
+    response, response_encoding = bodycodec.encode_body(record.response_body)
     parts = [meta_bytes or b"", request or b"", response or b""]
     crc = zlib.crc32(parts[2], zlib.crc32(parts[1], zlib.crc32(parts[0])))
     header = _HEADER.pack(
@@ -328,10 +328,6 @@ def decode_frame(buffer: bytes, offset: int = 0, *, bodies: bool = True) -> _Fra
     except (KeyError, zstandard.ZstdError, json.JSONDecodeError) as exc:
         raise ValueError(f"frame at byte {offset} cannot be decoded: {exc}") from exc
     return _Frame(meta, request, response, end)
-
-
-def _data(body: Any) -> bytes | None:
-    return None if body is None else body.data
 
 
 def _record(frame: _Frame) -> StoredRecord:
@@ -410,6 +406,9 @@ def _decompress(data: bytes) -> bytes:
 
 class S3Sink:
     """Sink and Reader over a bucket and prefix (see the module docstring for the layout)."""
+
+    keeps_packed = True
+    """Bodies the spool packed are stored as they are (see ``Sink.write_batch``)."""
 
     def __init__(self, options: S3Options, *, cache_records: int = CACHE_RECORDS) -> None:
         self.options = options

@@ -103,6 +103,9 @@ Row = tuple[Any, ...]
 class SqliteSink:
     """Sink and Reader over one SQLite file (see the module docstring for the choices)."""
 
+    keeps_packed = True
+    """Bodies the spool packed are stored as they are (see ``Sink.write_batch``)."""
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         ensure_directory(self.path.parent)
