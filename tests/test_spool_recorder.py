@@ -448,7 +448,7 @@ def test_frames_are_bounded_by_the_bytes_they_carry(
     tmp_path: Path, recorders: list[SpoolRecorder], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A burst of spilled bodies is split over frames bounded by the bytes they carry."""
-    monkeypatch.setattr(spool_recorder, "_MAX_FRAME_BYTES", 100_000)
+    monkeypatch.setattr(spool_recorder, "MAX_FRAME_BYTES", 100_000)
     recorder = make(recorders, tmp_path / "spool", interval=60.0, batch_records=10_000)
     bodies = [random.Random(i).randbytes(30_000) for i in range(10)]
 

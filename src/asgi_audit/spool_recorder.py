@@ -45,7 +45,7 @@ from .spool import SegmentWriter, spool_bytes
 
 logger = logging.getLogger("asgi_audit.recorder")
 
-_MAX_FRAME_BYTES = 16 << 20
+MAX_FRAME_BYTES = 16 << 20
 
 Draft = tuple[bytes, list[bytes], list[bytes]]
 """One record ready for a frame: encoded metadata, request chunks, response chunks."""
@@ -294,7 +294,7 @@ class SpoolRecorder:
     def _take(self) -> list[Exchange]:
         taken: list[Exchange] = []
         size = 0
-        while self._queue and (not taken or size < _MAX_FRAME_BYTES):
+        while self._queue and (not taken or size < MAX_FRAME_BYTES):
             exchange, weight = self._queue.popleft()
             self._bytes -= weight
             size += weight
@@ -317,7 +317,7 @@ class SpoolRecorder:
         for exchange in batch:
             request, response = _kept(exchange.request_body), _kept(exchange.response_body)
             carried = _stored_size(request) + _stored_size(response)
-            large = carried >= _MAX_FRAME_BYTES
+            large = carried >= MAX_FRAME_BYTES
             try:
                 if large:
                     meta = self._draft(exchange)
@@ -341,7 +341,7 @@ class SpoolRecorder:
                 continue
             records.append((meta, request_chunks, response_chunks))
             size += carried
-            if size >= _MAX_FRAME_BYTES:
+            if size >= MAX_FRAME_BYTES:
                 self._append(writer, records)
                 records, size = [], 0
         if records:
