@@ -400,8 +400,8 @@ def chart(report: Report, path: Path) -> None:
     big = f"stream {report.args.big_stream_mib} MiB"
     names = report.variants
     peaks = [median(report.values(big, v, "rss")) or 0.0 for v in names]
-    colours = ["grey" if v == BASELINE else None for v in names]
-    axes[2].bar(range(len(names)), peaks, color=[c or f"C{i}" for i, c in enumerate(colours)])
+    colours = ["grey" if v == BASELINE else f"C{shown.index(v)}" for v in names]
+    axes[2].bar(range(len(names)), peaks, color=colours)  # the other panels' colours
     axes[2].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     axes[2].set_title(f"server peak RSS, {big} (MiB)")
     for index, variant in enumerate(names):
