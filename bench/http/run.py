@@ -150,14 +150,13 @@ def measured(server: Server, workload: Workload, store_wait: float) -> Sample:
     started = time.perf_counter()
     sample = workload.run(server)
     elapsed = time.perf_counter() - started
+    load_cpu = sample.metrics.pop("load_cpu", 0.0)
     if workload.audited:
         catch_up(server, sample, store_wait)
     if sample.sent:
         # After the catch-up: the shipper's work for this load is part of its cost.
         server_cpu = tree_cpu(server.process.pid) - cpu
-        sample.metrics["cpu_ms"] = (server_cpu + sample.metrics.pop("load_cpu", 0.0)) * 1e3
-        sample.metrics["cpu_ms"] /= sample.sent
-    sample.metrics.pop("load_cpu", None)
+        sample.metrics["cpu_ms"] = (server_cpu + load_cpu) * 1e3 / sample.sent
     if sample.stored and sample.catch_up is not None and workload.kind == "closed":
         # Sustained recording rate: records in the store over the load and the catch-up.
         sample.metrics["recorded_rps"] = sample.stored / (elapsed + sample.catch_up)

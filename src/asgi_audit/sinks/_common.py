@@ -86,6 +86,22 @@ BODY_COLUMNS = "metadata, request_body, response_body, request_encoding, respons
 """What the SQL stores read to rebuild a record with its bodies (see :func:`record_from_row`)."""
 
 
+def indexed_columns(record: StoredRecord, text: Callable[[str], str]) -> tuple[Any, ...]:
+    """The columns both SQL stores index, in their shared order (method through
+    ``metadata``); ``text`` makes a string safe for the database's text type."""
+    return (
+        text(record.method),
+        None if record.route is None else text(record.route),
+        text(record.path),
+        record.status,
+        text(record.outcome),
+        text(record.correlation_id),
+        None if record.trace_id is None else text(record.trace_id),
+        text(record.service),
+        dumps_json(record.metadata()),
+    )
+
+
 def encoded_bodies(record: StoredRecord) -> tuple[bytes | None, str, bytes | None, str]:
     """(request, its encoding, response, its encoding) as the SQL stores keep them."""
     request, request_encoding = bodycodec.encode_body(record.request_body)

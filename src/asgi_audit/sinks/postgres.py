@@ -66,7 +66,13 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import ConfigError
 from ..stored import StoredRecord
-from ._common import BODY_COLUMNS, dumps_json, encoded_bodies, keyset_pages, record_from_row
+from ._common import (
+    BODY_COLUMNS,
+    encoded_bodies,
+    indexed_columns,
+    keyset_pages,
+    record_from_row,
+)
 from .base import Query, SinkError
 
 STORE_SCHEMA_VERSION = 1
@@ -642,10 +648,6 @@ def _text(value: str) -> str:
     return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _optional_text(value: str | None) -> str | None:
-    return None if value is None else _text(value)
-
-
 _Row = tuple[Any, ...]
 
 
@@ -656,15 +658,7 @@ def _row(record: StoredRecord) -> _Row:
         _text(record.id),
         _text(record.stream),
         record.seq,
-        _text(record.method),
-        _optional_text(record.route),
-        _text(record.path),
-        record.status,
-        _text(record.outcome),
-        _text(record.correlation_id),
-        _optional_text(record.trace_id),
-        _text(record.service),
-        dumps_json(record.metadata()),
+        *indexed_columns(record, _text),
         request_encoding,
         response_encoding,
         request,

@@ -33,9 +33,9 @@ from ..errors import ConfigError
 from ..stored import StoredRecord
 from ._common import (
     BODY_COLUMNS,
-    dumps_json,
     encoded_bodies,
     ensure_directory,
+    indexed_columns,
     keyset_pages,
     record_from_row,
 )
@@ -270,10 +270,6 @@ def _text(value: str) -> str:
     return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _optional_text(value: str | None) -> str | None:
-    return None if value is None else _text(value)
-
-
 def _row(record: StoredRecord) -> Row:
     request, request_encoding, response, response_encoding = encoded_bodies(record)
     return (
@@ -281,15 +277,7 @@ def _row(record: StoredRecord) -> Row:
         _text(record.stream),
         record.seq,
         record.started_at_ns,
-        _text(record.method),
-        _optional_text(record.route),
-        _text(record.path),
-        record.status,
-        _text(record.outcome),
-        _text(record.correlation_id),
-        _optional_text(record.trace_id),
-        _text(record.service),
-        dumps_json(record.metadata()),
+        *indexed_columns(record, _text),
         request,
         response,
         request_encoding,
