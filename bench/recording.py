@@ -28,9 +28,9 @@ from typing import Any
 
 from asgi_audit import AuditMiddleware
 from asgi_audit._types import ASGIApp, Message
-from asgi_audit.shipper import Shipper
+from asgi_audit.recording.writer import SpoolRecorder
+from asgi_audit.shipping.shipper import Shipper
 from asgi_audit.sinks import open_sink
-from asgi_audit.spool_recorder import SpoolRecorder
 from bench.overhead import raw_echo, scope_for
 
 

@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager, ExitStack, closing, contextmanage
 from pathlib import Path
 
 from asgi_audit.sinks import Store, open_sink
-from asgi_audit.stored import StoredBody, StoredRecord
+from asgi_audit.sinks.record import StoredBody, StoredRecord
 from bench.postgres import drop_postgres_table, postgres_reachable
 from bench.recording import order_json
 

@@ -10,7 +10,7 @@ import pytest
 
 import seaweed
 from asgi_audit import MemoryRecorder
-from asgi_audit.spill import executor
+from asgi_audit.capture.spill import executor
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import hashlib
 import uuid
 from typing import Any
 
-from asgi_audit.stored import StoredBody, StoredRecord
+from asgi_audit.sinks.record import StoredBody, StoredRecord
 
 BASE_NS = 1_714_564_800 * 1_000_000_000
 """2024-05-01T12:00:00Z."""

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from asgi_audit._types import ASGIApp, Message, Receive, Scope, Send
-from asgi_audit.codec import Frame, SpooledRecord, Tail, decode_payload, read_frames
-from asgi_audit.spool import streams
-from asgi_audit.stored import StoredRecord
+from asgi_audit.recording.frames import Frame, SpooledRecord, Tail, decode_payload, read_frames
+from asgi_audit.recording.spool import streams
+from asgi_audit.sinks.record import StoredRecord
 
 SECRET_REQUEST_HEADERS = [
     (b"authorization", b"Bearer s3cret"),

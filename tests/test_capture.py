@@ -19,10 +19,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from asgi_audit import AuditMiddleware, Exchange, Level, MemoryRecorder, markers
+from asgi_audit import AuditMiddleware, Exchange, Level, MemoryRecorder
 from asgi_audit._types import ASGIApp, Message, Receive, Scope, Send
-from asgi_audit.record import Body
-from asgi_audit.spill import executor
+from asgi_audit.capture import markers
+from asgi_audit.capture.record import Body
+from asgi_audit.capture.spill import executor
 
 MiB = 1 << 20
 DISCONNECT: Message = {"type": "http.disconnect"}

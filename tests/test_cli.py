@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from asgi_audit import __version__
 from asgi_audit.cli import main
 from asgi_audit.sinks import open_sink
-from asgi_audit.stored import StoredRecord
+from asgi_audit.sinks.record import StoredRecord
 from factories import BASE_NS, SECOND_NS, Records, body
 
 

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asgi_audit.codec import (
+from asgi_audit.recording import packing
+from asgi_audit.recording.frames import (
     FRAME_HEADER,
     PACKED,
     Frame,
@@ -22,7 +23,6 @@ from asgi_audit.codec import (
     encode_frame,
     read_frames,
 )
-from asgi_audit.sinks import bodycodec
 
 Draft = tuple[dict[str, Any], list[bytes], list[bytes]]
 
@@ -188,17 +188,17 @@ def test_packed_body_unpacks_exactly_and_is_packed_when_a_store_would(
     """A packed body unpacks to itself, says its size, and is packed exactly when zstd
     saves a tenth (as a store would decide on its own)."""
     whole = b"".join(piece * times for piece, times in parts)
-    packed = bodycodec.pack(whole)
-    _, encoding = bodycodec.encode(whole)
+    packed = packing.pack(whole)
+    _, encoding = packing.encode(whole)
     if packed is None:
         assert encoding == "identity"
     else:
-        assert encoding == "zstd" and bodycodec.decode(packed, "zstd") == whole
-        assert bodycodec.packed_size(packed) == len(whole)
-        assert len(packed) * 10 <= len(whole) * 9 and len(whole) >= bodycodec.MIN_SIZE
+        assert encoding == "zstd" and packing.decode(packed, "zstd") == whole
+        assert packing.packed_size(packed) == len(whole)
+        assert len(packed) * 10 <= len(whole) * 9 and len(whole) >= packing.MIN_SIZE
 
 
 def test_repetitive_body_is_packed_and_random_one_is_not() -> None:
     """The property above is not vacuous: both outcomes happen."""
-    assert bodycodec.pack(b"ab" * 1000) is not None
-    assert bodycodec.pack(random.Random(5).randbytes(4000)) is None
+    assert packing.pack(b"ab" * 1000) is not None
+    assert packing.pack(random.Random(5).randbytes(4000)) is None

@@ -14,11 +14,11 @@ import pytest
 
 from asgi_audit import AuditMiddleware
 from asgi_audit._types import Message, Receive, Scope, Send
-from asgi_audit.shipper import Shipper
+from asgi_audit.recording.spool import streams
+from asgi_audit.shipping.shipper import Shipper
 from asgi_audit.sinks import Query, open_sink
 from asgi_audit.sinks.memory import MemorySink
-from asgi_audit.spool import streams
-from asgi_audit.stored import StoredRecord
+from asgi_audit.sinks.record import StoredRecord
 from spooling import EchoApp, call, lifespan, request_data, spooled, threads_named, wait_until
 
 DATA = [b"%d:" % i + bytes([i]) * (i * 997) for i in range(10)]
@@ -155,7 +155,7 @@ def test_ship_process_delivers_by_shutdown(tmp_path: Path) -> None:
 def test_a_worker_takes_over_shipping_when_the_shipper_goes(tmp_path: Path) -> None:
     """Two workers on one spool: one child ships, the other stands by; when the shipping
     worker stops, the other's periodic check starts a new child and its records arrive."""
-    from asgi_audit.shipper import ShipperLock
+    from asgi_audit.shipping.shipper import ShipperLock
 
     url = f"sqlite:///{tmp_path / 'audit.db'}"
     first, second = audited(tmp_path, sink=url), audited(tmp_path, sink=url)

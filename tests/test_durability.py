@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from asgi_audit.codec import Frame, decode_payload, read_frames
+from asgi_audit.recording.frames import Frame, decode_payload, read_frames
+from asgi_audit.recording.spool import streams
 from asgi_audit.sinks import Query, open_sink
-from asgi_audit.spool import streams
 from processes import (
     ROOT,
     SIGKILL,

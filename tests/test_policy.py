@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from asgi_audit import ConfigError, Level, Policy, Rule, make_rule
-from asgi_audit.policy import PENDING, StatusRange
+from asgi_audit.capture.policy import PENDING, StatusRange
 
 
 def _routed(template: str, endpoint: Any = None) -> dict[str, Any]:

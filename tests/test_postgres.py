@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from asgi_audit.capture.settings import load_settings
 from asgi_audit.cli import main
-from asgi_audit.config import load_settings
 from asgi_audit.errors import ConfigError
 from asgi_audit.sinks import Query, SinkError, open_sink
 from asgi_audit.sinks.postgres import DAY_NS, PostgresSink
-from asgi_audit.stored import StoredRecord
+from asgi_audit.sinks.record import StoredRecord
 from factories import BASE_NS, Records, body
 from postgres_server import admin_connection, fresh_table, store_url
 

@@ -19,10 +19,12 @@ import pytest
 import zstandard
 
 from asgi_audit import AuditMiddleware
+from asgi_audit.capture.record import new_record_id
 from asgi_audit.errors import ConfigError
-from asgi_audit.record import new_record_id
-from asgi_audit.shipper import Shipper
+from asgi_audit.recording.writer import SpoolRecorder
+from asgi_audit.shipping.shipper import Shipper
 from asgi_audit.sinks import Query, SinkError, open_sink
+from asgi_audit.sinks.record import StoredRecord
 from asgi_audit.sinks.s3 import (
     HOUR_NS,
     S3Sink,
@@ -31,8 +33,6 @@ from asgi_audit.sinks.s3 import (
     key_segment,
     parse_url,
 )
-from asgi_audit.spool_recorder import SpoolRecorder
-from asgi_audit.stored import StoredRecord
 from factories import BASE_NS, SECOND_NS, Records, body
 from seaweed import SeaweedServer, free_ports
 from spooling import request_data

@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 
 from asgi_audit import AuditMiddleware
-from asgi_audit.shipper import (
+from asgi_audit.recording.spool import Checkpoint, SegmentWriter, StreamDirectory, streams
+from asgi_audit.recording.writer import SpoolRecorder
+from asgi_audit.shipping.shipper import (
     Shipper,
     ShipperLock,
     ShipperProcess,
@@ -29,9 +31,7 @@ from asgi_audit.shipper import (
 )
 from asgi_audit.sinks import Query, open_sink
 from asgi_audit.sinks.memory import MemorySink
-from asgi_audit.spool import Checkpoint, SegmentWriter, StreamDirectory, streams
-from asgi_audit.spool_recorder import SpoolRecorder
-from asgi_audit.stored import StoredRecord
+from asgi_audit.sinks.record import StoredRecord
 from spooling import (
     EchoApp,
     FlakySink,
@@ -163,7 +163,7 @@ def test_a_failing_sink_is_retried_with_backoff(
     dead_spool(spool, data)
     sink = FlakySink(failures=3)
     shipper = Shipper(spool, sink, backoff_initial=0.001, backoff_max=0.01)
-    with caplog.at_level(logging.WARNING, logger="asgi_audit.shipper"):
+    with caplog.at_level(logging.WARNING, logger="asgi_audit.shipping.shipper"):
         report = shipper.ship_once()
     assert report.delivered == 6
     assert sink.calls == 4 and shipper.failures == 3
@@ -247,7 +247,7 @@ def test_dead_stream_with_a_torn_tail_is_repaired_and_shipped(
     with open(path, "r+b") as handle:  # cut the last frame in the middle
         handle.truncate(size - 20)
     sink = MemorySink()
-    with caplog.at_level(logging.WARNING, logger="asgi_audit.spool"):
+    with caplog.at_level(logging.WARNING, logger="asgi_audit.recording.spool"):
         report = Shipper(spool, sink).ship_once()
     assert report.repaired_bytes > 0
     assert report.delivered == 2 and report.adopted == [stream.name]
@@ -523,7 +523,7 @@ def test_a_standby_child_exits_cleanly_when_the_lock_is_taken(tmp_path: Path) ->
     import subprocess
     import sys
 
-    from asgi_audit.shipper import _CHILD, ShipperLock
+    from asgi_audit.shipping.shipper import _CHILD, ShipperLock
 
     lock = ShipperLock(tmp_path)
     assert lock.acquire()

@@ -24,8 +24,8 @@ import pytest
 from asgi_audit.errors import ConfigError
 from asgi_audit.sinks import DEFAULT_SINK_URL, Query, SinkError, Store, open_sink
 from asgi_audit.sinks.jsonl import JsonlSink
+from asgi_audit.sinks.record import StoredRecord
 from asgi_audit.sinks.sqlite import SqliteSink
-from asgi_audit.stored import StoredRecord
 from factories import BASE_NS, DAY_NS, LATIN1_HIGH, SECOND_NS, Records, body
 from postgres_server import fresh_table
 from postgres_server import store_url as postgres_store_url

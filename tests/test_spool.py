@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from asgi_audit.codec import Frame, Tail, decode_payload, encode_frame, read_frames
-from asgi_audit.spool import (
+from asgi_audit.recording.frames import Frame, Tail, decode_payload, encode_frame, read_frames
+from asgi_audit.recording.spool import (
     Checkpoint,
     SegmentWriter,
     StreamDirectory,
@@ -228,7 +228,7 @@ def test_truncate_cuts_and_reports(tmp_path: Path, caplog: pytest.LogCaptureFixt
     good = path.stat().st_size
     with open(path, "ab") as handle:
         handle.write(b"AAB1garbage")
-    with caplog.at_level("WARNING", logger="asgi_audit.spool"):
+    with caplog.at_level("WARNING", logger="asgi_audit.recording.spool"):
         assert stream.truncate(name, good, "torn") == len(b"AAB1garbage")
     assert path.stat().st_size == good
     assert "torn" in caplog.text and name in caplog.text

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
-from asgi_audit import AuditMiddleware, spool_recorder
-from asgi_audit.redact import MARKER
-from asgi_audit.sinks import bodycodec
-from asgi_audit.spool import SegmentWriter, StreamDirectory, streams
-from asgi_audit.spool_recorder import SpoolRecorder
+from asgi_audit import AuditMiddleware
+from asgi_audit.recording import packing
+from asgi_audit.recording import writer as spool_recorder
+from asgi_audit.recording.redact import MARKER
+from asgi_audit.recording.spool import SegmentWriter, StreamDirectory, streams
+from asgi_audit.recording.writer import SpoolRecorder
 from spooling import (
     SECRET_REQUEST_HEADERS,
     EchoApp,
@@ -82,7 +83,7 @@ def test_bodies_are_stored_exactly_in_memory_and_spilled(
             assert meta["size"] == len(body) and meta["stored"] and not meta["truncated"]
             # spilled bodies carry the digest the spill worker computed, other bodies the
             # one the spool writer computed; the smallest leave it to the shipper
-            if len(body) >= bodycodec.MIN_SIZE:
+            if len(body) >= packing.MIN_SIZE:
                 assert meta["sha256"] == hashlib.sha256(body).hexdigest()
             else:
                 assert meta["sha256"] is None
@@ -375,7 +376,7 @@ def test_a_record_that_cannot_be_encoded_does_not_stop_the_writer(
         await call(mw, b"bad", path="/orders/\udcff")
         await call(mw, b"c")
 
-    with caplog.at_level("WARNING", logger="asgi_audit.recorder"):
+    with caplog.at_level("WARNING", logger="asgi_audit.recording.handoff"):
         asyncio.run(main())
         assert recorder.flush(timeout=20)
     run_all(mw, [b"d"])

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from asgi_audit import AuditMiddleware, MemoryRecorder
 from asgi_audit._types import Message, Receive, Scope, Send
-from asgi_audit.record import Body
-from asgi_audit.spill import executor
-from asgi_audit.tap import MAX_BACKLOG, BodyTap, OverLimit
+from asgi_audit.capture.record import Body
+from asgi_audit.capture.spill import executor
+from asgi_audit.capture.tap import MAX_BACKLOG, BodyTap, OverLimit
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 BATCH = 64 << 10

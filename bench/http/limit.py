@@ -26,7 +26,7 @@ from pathlib import Path
 
 import zstandard
 
-from asgi_audit.sinks import bodycodec
+from asgi_audit.recording import packing
 
 _ROUNDS = 20
 _SPOOL_TOTAL = 256 << 20
@@ -45,7 +45,7 @@ class Costs:
 
     def describe(self) -> str:
         return (
-            f"SHA-256 {self.sha256_ms_per_mb:.2f} ms/MB; zstd level {bodycodec.LEVEL} "
+            f"SHA-256 {self.sha256_ms_per_mb:.2f} ms/MB; zstd level {packing.LEVEL} "
             f"{self.zstd_ms_per_mb:.2f} ms/MB at ratio {self.zstd_ratio:.1f}; spool append "
             f"{self.append_cpu_ms_per_mb:.2f} ms/MB of CPU; sequential write with fdatasync "
             f"every {_GROUP} appends {self.disk_mb_per_s:.0f} MB/s"
@@ -60,7 +60,7 @@ def measure(body: bytes, directory: Path) -> Costs:
     """Time each recording step on ``body`` (best of a few rounds: the cost, not the
     noise) and the disk's durable write rate in ``directory`` (the spool's file system)."""
     sha = min(_timed(lambda: hashlib.sha256(body).digest()) for _ in range(_ROUNDS))
-    compressor = zstandard.ZstdCompressor(level=bodycodec.LEVEL, write_content_size=True)
+    compressor = zstandard.ZstdCompressor(level=packing.LEVEL, write_content_size=True)
     compressed = compressor.compress(body)
     zstd = min(_timed(lambda: compressor.compress(body)) for _ in range(_ROUNDS))
     cpu, wall = _durable_appends(body, directory)

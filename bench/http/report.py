@@ -20,7 +20,7 @@ from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
 
-from asgi_audit.spool_recorder import MAX_FRAME_BYTES, SpoolRecorder
+from asgi_audit.recording.writer import MAX_FRAME_BYTES, SpoolRecorder
 from bench.http.limit import Costs, Limit
 from bench.http.load import Sample
 

@@ -3,13 +3,13 @@ service into durable, tamper-evident audit storage, without slowing the service 
 
 from __future__ import annotations
 
+from .capture.levels import Level
+from .capture.markers import audited
+from .capture.middleware import AuditMiddleware
+from .capture.policy import Policy, Rule, make_rule
+from .capture.record import Body, Exchange
 from .errors import AuditError, ConfigError, NotSupportedError
-from .levels import Level
-from .markers import audited
-from .middleware import AuditMiddleware
-from .policy import Policy, Rule, make_rule
-from .record import Body, Exchange
-from .recorder import MemoryRecorder, Recorder
+from .recording.handoff import MemoryRecorder, Recorder
 
 __version__ = "0.1.0"
 

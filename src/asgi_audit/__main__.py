@@ -1,5 +1,5 @@
 """``python -m asgi_audit``: the same command as ``asgi-audit``."""
 
-from .cli import main
+from .cli.main import main
 
 main(prog_name="asgi-audit")

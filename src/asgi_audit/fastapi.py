@@ -11,8 +11,8 @@ from typing import Any
 
 from fastapi.routing import APIRoute
 
-from .levels import Level
-from .markers import MARKER_ATTRIBUTE, audited, note_marker
+from .capture.levels import Level
+from .capture.markers import MARKER_ATTRIBUTE, audited, note_marker
 
 
 def audited_route(level: str | Level = Level.REQUEST_RESPONSE) -> type[APIRoute]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from ..errors import ConfigError
-from .base import Query, Reader, Sink, SinkError
+from .protocols import Query, Reader, Sink, SinkError
 
 __all__ = [
     "DEFAULT_SINK_URL",

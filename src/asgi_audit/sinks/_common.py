@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..stored import StoredRecord
-from . import bodycodec
-from .base import Query
+from ..recording import packing
+from .protocols import Query
+from .record import StoredRecord
 
 
 def matches(query: Query, record: StoredRecord) -> bool:
@@ -104,8 +104,8 @@ def indexed_columns(record: StoredRecord, text: Callable[[str], str]) -> tuple[A
 
 def encoded_bodies(record: StoredRecord) -> tuple[bytes | None, str, bytes | None, str]:
     """(request, its encoding, response, its encoding) as the SQL stores keep them."""
-    request, request_encoding = bodycodec.encode_body(record.request_body)
-    response, response_encoding = bodycodec.encode_body(record.response_body)
+    request, request_encoding = packing.encode_body(record.request_body)
+    response, response_encoding = packing.encode_body(record.response_body)
     return request, request_encoding, response, response_encoding
 
 
@@ -115,7 +115,7 @@ def record_from_row(row: Sequence[Any]) -> StoredRecord:
     if len(row) == 1:
         return StoredRecord.from_metadata(metadata)
     return StoredRecord.from_metadata(
-        metadata, bodycodec.decode(row[1], row[3]), bodycodec.decode(row[2], row[4])
+        metadata, packing.decode(row[1], row[3]), packing.decode(row[2], row[4])
     )
 
 

@@ -1,7 +1,7 @@
 """``jsonl:///dir``: records as JSON Lines, one file per UTC day of exchange start.
 
 Meant to be read by other tools (``jq``, log shippers), so each line is the record's
-:meth:`~asgi_audit.stored.StoredRecord.metadata` with the body bytes added in base64 under
+:meth:`~asgi_audit.sinks.record.StoredRecord.metadata` with the body bytes added in base64 under
 ``data``, next to an explicit ``"encoding": "base64"`` so a later encoding can be told
 apart. Files are named ``records-YYYY-MM-DD.jsonl`` after the exchange's start (not the
 delivery time), so a time-bounded search opens only the days it covers.
@@ -33,9 +33,9 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from ..stored import StoredRecord
 from ._common import dumps_json, ensure_directory, matches
-from .base import Query, SinkError
+from .protocols import Query, SinkError
+from .record import StoredRecord
 
 if sys.platform != "win32":
     import fcntl

@@ -13,9 +13,9 @@ import heapq
 import threading
 from collections.abc import Iterator, Sequence
 
-from ..stored import StoredRecord
 from ._common import matches, order_key, without_bodies
-from .base import Query, SinkError
+from .protocols import Query, SinkError
+from .record import StoredRecord
 
 
 class _Store:

@@ -4,7 +4,7 @@ On Kubernetes a service runs as many short-lived pods; their records belong in o
 the team already operates. This store keeps one row per exchange, like the SQLite store:
 indexed columns copy what the CLI filters and sorts on, ``metadata`` holds the whole
 record as JSON text and is the source of truth when reading back, and the bodies are
-``bytea``, through :mod:`.bodycodec` (zstd when that pays, with an encoding column), so
+``bytea``, through :mod:`.packing` (zstd when that pays, with an encoding column), so
 what comes back is exactly what was captured.
 
 Partitions. The table is range-partitioned by UTC day on ``started_at_ns`` itself (bigint
@@ -65,7 +65,6 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import ConfigError
-from ..stored import StoredRecord
 from ._common import (
     BODY_COLUMNS,
     encoded_bodies,
@@ -73,7 +72,8 @@ from ._common import (
     keyset_pages,
     record_from_row,
 )
-from .base import Query, SinkError
+from .protocols import Query, SinkError
+from .record import StoredRecord
 
 STORE_SCHEMA_VERSION = 1
 """Version of the table layout below (not of the record schema, which the JSON carries)."""
@@ -566,7 +566,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (started_at_ns, id)
         ) PARTITION BY RANGE (started_at_ns)
         """,
-        # bodycodec already compressed what pays; pglz would only spend CPU finding out
+        # packing already compressed what pays; pglz would only spend CPU finding out
         # that zstd frames and random bytes do not shrink. Partitions inherit this.
         "ALTER TABLE {t} ALTER COLUMN request_body SET STORAGE EXTERNAL,"
         " ALTER COLUMN response_body SET STORAGE EXTERNAL",

@@ -37,7 +37,7 @@ any frame can be read alone)::
     meta   := JSON of StoredRecord.metadata()      request/response := stored body bytes
 
 Each of the three parts is compressed on its own (encoding 1 = zstd, 0 = as is), by
-:mod:`.bodycodec`: zstd where it saves a tenth, raw otherwise (images, random bytes, tiny
+:mod:`.packing`: zstd where it saves a tenth, raw otherwise (images, random bytes, tiny
 parts). Per-part rather than whole-object compression keeps frames independently readable
 (ranged GET of one record) and still shrinks JSON bodies about ninefold. An absent body and
 a body whose bytes were not kept have length 0 and the metadata tells them apart from an
@@ -99,10 +99,10 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import zstandard
 
 from ..errors import ConfigError
-from ..stored import StoredRecord
-from . import bodycodec
+from ..recording import packing
 from ._common import dumps_json, matches, order_key
-from .base import Query, SinkError
+from .protocols import Query, SinkError
+from .record import StoredRecord
 
 logger = logging.getLogger("asgi_audit.sinks.s3")
 
@@ -275,9 +275,9 @@ class _Frame:
 
 def encode_frame(record: StoredRecord, meta: dict[str, Any]) -> list[bytes]:
     """The frame of one record as a header and its three parts (joined by the caller)."""
-    meta_bytes, meta_encoding = bodycodec.encode(dumps_json(meta).encode("utf-8"))
-    request, request_encoding = bodycodec.encode_body(record.request_body)
-    response, response_encoding = bodycodec.encode_body(record.response_body)
+    meta_bytes, meta_encoding = packing.encode(dumps_json(meta).encode("utf-8"))
+    request, request_encoding = packing.encode_body(record.request_body)
+    response, response_encoding = packing.encode_body(record.response_body)
     parts = [meta_bytes or b"", request or b"", response or b""]
     crc = zlib.crc32(parts[2], zlib.crc32(parts[1], zlib.crc32(parts[0])))
     header = _HEADER.pack(
@@ -321,10 +321,10 @@ def decode_frame(buffer: bytes, offset: int = 0, *, bodies: bool = True) -> _Fra
     if zlib.crc32(parts[2], zlib.crc32(parts[1], zlib.crc32(parts[0]))) != crc:
         raise ValueError(f"frame at byte {offset} fails its checksum")
     try:
-        meta_raw = bodycodec.decode(bytes(parts[0]), _NAMES[meta_code])
+        meta_raw = packing.decode(bytes(parts[0]), _NAMES[meta_code])
         meta = json.loads(meta_raw or b"")
-        request = bodycodec.decode(bytes(parts[1]), _NAMES[request_code]) if bodies else None
-        response = bodycodec.decode(bytes(parts[2]), _NAMES[response_code]) if bodies else None
+        request = packing.decode(bytes(parts[1]), _NAMES[request_code]) if bodies else None
+        response = packing.decode(bytes(parts[2]), _NAMES[response_code]) if bodies else None
     except (KeyError, zstandard.ZstdError, json.JSONDecodeError) as exc:
         raise ValueError(f"frame at byte {offset} cannot be decoded: {exc}") from exc
     return _Frame(meta, request, response, end)

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..stored import StoredRecord
 from ._common import (
     BODY_COLUMNS,
     encoded_bodies,
@@ -39,7 +38,8 @@ from ._common import (
     keyset_pages,
     record_from_row,
 )
-from .base import Query, SinkError
+from .protocols import Query, SinkError
+from .record import StoredRecord
 
 STORE_SCHEMA_VERSION = 1
 """Version of the table layout below (not of the record schema, which the JSON carries)."""

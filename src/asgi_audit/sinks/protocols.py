@@ -1,6 +1,6 @@
 """The two small protocols every store implements: ``Sink`` (write) and ``Reader`` (query).
 
-A sink receives batches of :class:`~asgi_audit.stored.StoredRecord` from the shipper.
+A sink receives batches of :class:`~asgi_audit.sinks.record.StoredRecord` from the shipper.
 ``write_batch`` must be idempotent by record id (delivery is at least once: a batch may
 arrive again after a crash or a retry, and the store must end up with one copy) and must
 return only once the batch is durable in the store; raising means "not stored, retry".
@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from ..stored import StoredRecord
+from .record import StoredRecord
 
 
 class SinkError(Exception):
@@ -49,7 +49,7 @@ class Sink(Protocol):
         """Store ``records`` durably; a record whose id is already stored is skipped.
 
         A sink class that sets ``keeps_packed = True`` stores bodies through
-        :func:`asgi_audit.sinks.bodycodec.encode_body`: it may then be given bodies whose
+        :func:`asgi_audit.sinks.packing.encode_body`: it may then be given bodies whose
         ``data`` is None and whose ``packed`` holds them zstd-packed, as the spool did."""
         ...
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 class Level(enum.IntEnum):

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ._types import Scope
+from .._types import Scope
 
 _Contexts = dict[int, list[tuple[Any, str]]]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from .stored import StoredBody, StoredRecord
+from ..sinks.record import StoredBody, StoredRecord
 
 
 def iso(ns: int | None) -> str | None:

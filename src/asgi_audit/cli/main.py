@@ -20,13 +20,13 @@ from typing import Any, BinaryIO, Protocol, runtime_checkable
 import click
 import orjson
 
-from . import __version__
-from .config import DEFAULT_SPOOL, check_sink_url
-from .errors import AuditError
-from .export import iso, jsonl_line
-from .policy import StatusRange
-from .sinks import DEFAULT_SINK_URL, Query, SinkError, Store, open_sink
-from .stored import StoredBody, StoredRecord
+from .. import __version__
+from ..capture.policy import StatusRange
+from ..capture.settings import DEFAULT_SPOOL, check_sink_url
+from ..errors import AuditError
+from ..sinks import DEFAULT_SINK_URL, Query, SinkError, Store, open_sink
+from ..sinks.record import StoredBody, StoredRecord
+from .exports import iso, jsonl_line
 
 sink_option = click.option(
     "--sink",
@@ -358,9 +358,9 @@ def spool() -> None:
 @spool_option
 def spool_status(spool: str) -> None:
     """Segments, bytes and shipping lag of every stream in the spool."""
-    from .codec import Frame, decode_payload, read_frames
-    from .shipper import ShipperLock
-    from .spool import streams
+    from ..recording.frames import Frame, decode_payload, read_frames
+    from ..recording.spool import streams
+    from ..shipping.shipper import ShipperLock
 
     root = Path(spool)
     if not root.is_dir():
@@ -411,7 +411,7 @@ def ship(spool: str, sink: str, once: bool, keep_delivered: bool, drain_seconds:
     """Deliver a spool to a store (a sidecar sharing the spool volume)."""
     import logging
 
-    from .shipper import serve
+    from ..shipping.shipper import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     Path(spool).mkdir(parents=True, exist_ok=True)

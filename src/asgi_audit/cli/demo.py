@@ -23,10 +23,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from .fastapi import audited
-from .middleware import AuditMiddleware
-from .sinks import DEFAULT_SINK_URL, Query, open_sink
-from .stored import StoredRecord
+from ..capture.middleware import AuditMiddleware
+from ..fastapi import audited
+from ..sinks import DEFAULT_SINK_URL, Query, open_sink
+from ..sinks.record import StoredRecord
 
 
 class Line(BaseModel):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .sinks import bodycodec
+from ..recording import packing
 
 SCHEMA_VERSION = 1
 
@@ -44,7 +44,7 @@ class StoredBody:
     def stored_size(self) -> int:
         if self.data is not None:
             return len(self.data)
-        return 0 if self.packed is None else bodycodec.packed_size(self.packed)
+        return 0 if self.packed is None else packing.packed_size(self.packed)
 
 
 @dataclass(slots=True)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .levels import Level
 from .markers import MARKER_ATTRIBUTE, marker_level, markers_in_use
 from .routes import literal_prefix

@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from typing import Literal, Protocol, runtime_checkable
 
-from .record import Exchange
+from ..capture.record import Exchange
 
 Overflow = Literal["block", "drop"]
 

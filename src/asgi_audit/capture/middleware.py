@@ -19,14 +19,14 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ._types import ASGIApp, Headers, Message, Receive, Scope, Send
-from .config import Settings, check_routes, load_settings
-from .delivery import Delivery
+from .._types import ASGIApp, Headers, Message, Receive, Scope, Send
+from ..recording.handoff import Recorder
+from ..shipping.delivery import Delivery
 from .levels import Level
 from .policy import PENDING, Policy, Rule, _Pending
 from .record import Body, Exchange, Identity, Outcome, new_record_id
-from .recorder import Recorder
 from .routes import TemplateResolver, declared_templates, route_path
+from .settings import Settings, check_routes, load_settings
 from .tap import BodyTap
 
 logger = logging.getLogger("asgi_audit")

@@ -35,12 +35,12 @@ from typing import Any
 
 import orjson
 
-from .codec import PACKED, RECORD_HEADER, encode_frame, frame_header, record_header
-from .config import FsyncPolicy
-from .record import Body, Exchange
-from .recorder import Overflow, RoomSignal, memory_weight
+from ..capture.record import Body, Exchange
+from ..capture.settings import FsyncPolicy
+from . import packing
+from .frames import PACKED, RECORD_HEADER, encode_frame, frame_header, record_header
+from .handoff import Overflow, RoomSignal, memory_weight
 from .redact import DEFAULT_SECRET_HEADERS, Step, header_redactor, run_pipeline
-from .sinks import bodycodec
 from .spool import SegmentWriter, spool_bytes
 
 logger = logging.getLogger("asgi_audit.recorder")
@@ -423,13 +423,13 @@ class SpoolRecorder:
         without the GIL, spares the copy into the frame, the checksums, the write, the
         sync and the shipper's read most of their bytes."""
         chunks = _chunks(body)
-        if body is None or body.stored_size < bodycodec.MIN_SIZE:
+        if body is None or body.stored_size < packing.MIN_SIZE:
             return chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         hasher = self._hasher
         assert hasher is not None  # made by the writer thread, the only caller
         digest = None if body.known_sha256() else hasher.submit(_sha256, data)
-        small = bodycodec.pack(data)
+        small = packing.pack(data)
         if digest is not None:
             digests[name] = digest.result()
         if small is None:

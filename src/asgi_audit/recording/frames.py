@@ -10,7 +10,7 @@ waits behind a busy event loop; see docs/architecture.md).
     record  = len(meta) u32 | len(request bytes) u64 | len(response bytes) u64
               | meta (JSON) | request bytes | response bytes
 
-A body may be kept zstd-packed (``bodycodec.pack``): the meta's ``spool_packed`` lists
+A body may be kept zstd-packed (``packing.pack``): the meta's ``spool_packed`` lists
 which, and the reader unpacks them, so what it yields is always the captured bytes.
 
 The length lets a reader tell a frame cut short by a crash (the file ends inside it) from
@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from .sinks import bodycodec
+from . import packing
 
 MAGIC = b"AAB1"
 FRAME_HEADER = struct.Struct("<4sIQ")
@@ -179,4 +179,4 @@ def decode_payload(payload: bytes, unpack: bool = True) -> Iterator[SpooledRecor
 
 
 def _unpack(packed: bytes, unpack: bool) -> bytes:
-    return (bodycodec.decode(packed, "zstd") or b"") if unpack else b""
+    return (packing.decode(packed, "zstd") or b"") if unpack else b""

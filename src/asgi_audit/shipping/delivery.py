@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import Settings
+from ..capture.settings import Settings
+from ..recording.spool import streams
+from ..recording.writer import SpoolRecorder
 from .shipper import ShipperProcess, ShipperThread
-from .spool import streams
-from .spool_recorder import SpoolRecorder
 
 logger = logging.getLogger("asgi_audit")
 
@@ -62,7 +62,7 @@ class Delivery:
             self._process = ShipperProcess(self.settings.spool, self.settings.sink)
             self._process.start()
         elif mode == "thread":
-            from .sinks import open_sink
+            from ..sinks import open_sink
 
             self._thread = ShipperThread(self.settings.spool, open_sink(self.settings.sink))
             self._thread.start()

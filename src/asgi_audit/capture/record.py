@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ._types import Headers
+from .._types import Headers
 from .levels import Level
 from .spill import SpillJob, executor
 

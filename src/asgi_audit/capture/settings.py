@@ -15,12 +15,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..recording.handoff import Overflow
+from ..recording.redact import DEFAULT_SECRET_HEADERS
+from ..sinks import DEFAULT_SINK_URL, KNOWN_SCHEMES
 from .levels import Level
 from .policy import Policy, Rule, make_rule
-from .recorder import Overflow
-from .redact import DEFAULT_SECRET_HEADERS
-from .sinks import DEFAULT_SINK_URL, KNOWN_SCHEMES
 from .tap import OverLimit
 
 Ship = Literal["process", "thread", "off"]
@@ -141,7 +141,7 @@ def check_sink_url(value: Any, parameter: str) -> str:
     if scheme == "s3":
         # The URL's form and boto3's presence are checked at start-up, without importing
         # boto3 into the app or touching the network; the shipper checks the bucket.
-        from .sinks.s3 import check_url
+        from ..sinks.s3 import check_url
 
         try:
             check_url(value)
@@ -150,7 +150,7 @@ def check_sink_url(value: Any, parameter: str) -> str:
     if scheme in ("postgresql", "postgres"):
         # The table name and the driver are checked here, in the app, at start-up: the
         # shipper child would only log them. Nothing connects until the first batch.
-        from .sinks import open_sink
+        from ..sinks import open_sink
 
         try:
             open_sink(value).close()

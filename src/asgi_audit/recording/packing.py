@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import zstandard
 
 if TYPE_CHECKING:
-    from ..stored import StoredBody
+    from ..sinks.record import StoredBody
 
 Encoding = Literal["identity", "zstd"]
 

@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .codec import Frame, SpooledRecord, Tail, decode_payload, read_frames
-from .sinks import Store, bodycodec, open_sink
-from .sinks.base import Sink
-from .spool import Checkpoint, StreamDirectory, streams, try_lock, unlock
-from .stored import StoredRecord
+from ..recording import packing
+from ..recording.frames import Frame, SpooledRecord, Tail, decode_payload, read_frames
+from ..recording.spool import Checkpoint, StreamDirectory, streams, try_lock, unlock
+from ..sinks import Store, open_sink
+from ..sinks.protocols import Sink
+from ..sinks.record import StoredRecord
 
 logger = logging.getLogger("asgi_audit.shipper")
 
@@ -74,7 +75,7 @@ def stored_record(spooled: SpooledRecord) -> StoredRecord:
             continue
         body = dict(body)
         if not body.get("sha256"):
-            plain = bodycodec.decode(packed, "zstd") if packed_only else data
+            plain = packing.decode(packed, "zstd") if packed_only else data
             body["sha256"] = _digest(body, plain or b"")
         meta[name] = body
     record = StoredRecord.from_metadata(meta, kept[0], kept[1])
@@ -356,7 +357,7 @@ class ShipperThread:
         return True
 
 
-_CHILD = "import sys; from asgi_audit.shipper import main; sys.exit(main(sys.argv[1:]))"
+_CHILD = "import sys; from asgi_audit.shipping.shipper import main; sys.exit(main(sys.argv[1:]))"
 """The child's program (``-m asgi_audit.shipper`` would import the module twice)."""
 
 

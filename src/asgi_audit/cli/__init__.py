@@ -1,0 +1,5 @@
+"""The ``asgi-audit`` command."""
+
+from .main import main
+
+__all__ = ["main"]
