@@ -134,11 +134,11 @@ def main() -> None:
         recorder = TimedRecorder(root / "spool", fsync="batch")
         audited = AuditMiddleware(raw_echo, recorder=recorder, environ={})
         rate, lags = asyncio.run(serve(audited, body, args.requests, args.concurrency))
-        recorder.close(60)
+        recorder.shutdown(60)
         paced = TimedRecorder(root / "paced", fsync="batch")
         paced_app = AuditMiddleware(raw_echo, recorder=paced, environ={})
         paced_rate, _ = asyncio.run(serve(paced_app, body, 100, 2, pace=2 / args.paced_rate))
-        paced.close(60)
+        paced.shutdown(60)
         url = f"sqlite:///{root / 'audit.db'}"
         with closing(open_sink(url)) as store:
             shipper = Shipper(root / "spool", store)

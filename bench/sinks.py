@@ -1,4 +1,4 @@
-"""Store throughput: MB/s of 1 MB-body records written with ``write_batch``, by batch size.
+"""Sink throughput: MB/s of 1 MB-body records written with ``write_batch``, by batch size.
 
 What the shipper's delivery costs per store, on this machine: each record carries a
 1 MB request body (``order_json``, which zstd shrinks about ninefold, and, for the raw byte
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, closing, contextmanager
 from pathlib import Path
 
-from asgi_audit.sinks import Store, open_sink
+from asgi_audit.sinks import Sink, open_sink
 from asgi_audit.sinks.record import StoredBody, StoredRecord
 from bench.postgres import drop_postgres_table, postgres_reachable
 from bench.recording import order_json
@@ -140,7 +140,7 @@ def seaweedfs(scratch: Path) -> Iterator[str]:
         server.stop()
 
 
-def measure(store: Store, batch: list[StoredRecord], size: int) -> float:
+def measure(store: Sink, batch: list[StoredRecord], size: int) -> float:
     """Seconds to write ``batch`` in batches of ``size``."""
     started = time.perf_counter()
     for first in range(0, len(batch), size):

@@ -96,7 +96,7 @@ def test_show_unknown_id_and_missing_body_fail_in_one_line(
     code, output = run("show", "nope", "--sink", url)
     assert code == 1 and output.strip() == f"Error: no record 'nope' in {url}"
     code, output = run("ls", "--sink", "sqlite:///does/not/exist.db")
-    assert code == 1 and "no store at does/not/exist.db" in output
+    assert code == 1 and "no sink at does/not/exist.db" in output
     assert not Path("does/not/exist.db").exists()
 
 
@@ -214,7 +214,7 @@ def test_demo_serves_records_and_verifies_the_order(tmp_path: Path) -> None:
 def test_ship_refuses_a_malformed_store_url_at_once(tmp_path: Path) -> None:
     """`ship` checks the URL's form before anything else: one line, exit 1."""
     code, output = run("ship", "--spool", str(tmp_path), "--sink", "ftp://somewhere", "--once")
-    assert code == 1 and "unknown kind of store 'ftp'" in output
+    assert code == 1 and "unknown kind of sink 'ftp'" in output
 
 
 def test_retention_needs_a_store_that_has_it(populated: tuple[str, list[StoredRecord]]) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from asgi_audit import AuditMiddleware, ConfigError, Level, make_rule
 from asgi_audit._types import Receive, Scope, Send
+from asgi_audit.shipping.delivery import Delivery
 
 
 async def _app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -132,7 +133,7 @@ def test_server_store_urls_are_accepted() -> None:
     ("kwargs", "environ", "parameter", "message"),
     [
         ({"sink": "audit.db"}, {}, "sink", "expected a URL"),
-        ({"sink": "mysql://x/y"}, {}, "sink", "unknown kind of store 'mysql'"),
+        ({"sink": "mysql://x/y"}, {}, "sink", "unknown kind of sink 'mysql'"),
         ({}, {"ASGI_AUDIT_SINK": "ftp://x"}, "ASGI_AUDIT_SINK", "known: sqlite://"),
         ({"ship": "sidecar"}, {}, "ship", "'process', 'thread', 'off'"),
         ({"fsync": "sometimes"}, {}, "fsync", "'always', 'batch', 'off'"),
@@ -209,8 +210,8 @@ def test_spool_limit_reaches_the_recorder(tmp_path: Any) -> None:
     """spool_limit caps the spool's disk use (the recorder's disk cap); unlimited by default."""
     assert AuditMiddleware(_app, environ={}).settings.spool_limit is None
     middleware = AuditMiddleware(_app, spool=str(tmp_path), spool_limit="1GiB", environ={})
-    assert middleware.delivery is not None
-    assert middleware.delivery.recorder.disk_cap == 1 << 30
+    assert isinstance(middleware.recorder, Delivery)
+    assert middleware.recorder.spool_recorder.disk_cap == 1 << 30
     with pytest.raises(ConfigError) as caught:
         AuditMiddleware(_app, environ={"ASGI_AUDIT_SPOOL_LIMIT": "-3"})
     assert caught.value.parameter == "spool_limit"

@@ -15,11 +15,13 @@ import pytest
 from asgi_audit import AuditMiddleware
 from asgi_audit._types import Message, Receive, Scope, Send
 from asgi_audit.recording.spool import streams
+from asgi_audit.shipping.delivery import Delivery
 from asgi_audit.shipping.shipper import Shipper
 from asgi_audit.sinks import Query, open_sink
 from asgi_audit.sinks.memory import MemorySink
 from asgi_audit.sinks.record import StoredRecord
-from spooling import EchoApp, call, lifespan, request_data, spooled, threads_named, wait_until
+from harness import EchoApp, call, lifespan
+from spooling import request_data, spooled, threads_named, wait_until
 
 DATA = [b"%d:" % i + bytes([i]) * (i * 997) for i in range(10)]
 
@@ -44,6 +46,12 @@ def check(records: list[StoredRecord], data: list[bytes]) -> None:
         assert data_ is not None
         assert record.request_body.sha256 == hashlib.sha256(data_).hexdigest()
         assert record.status == 200 and record.outcome == "complete"
+
+
+def durable(mw: AuditMiddleware) -> Delivery:
+    """The middleware's durable recorder (built when no recorder= is given)."""
+    assert isinstance(mw.recorder, Delivery)
+    return mw.recorder
 
 
 def audited(tmp_path: Path, **options: Any) -> AuditMiddleware:
@@ -147,7 +155,7 @@ def test_ship_process_delivers_by_shutdown(tmp_path: Path) -> None:
                 await call(mw, body)
 
     asyncio.run(main())
-    assert mw.delivery is not None and mw.delivery._process is None
+    assert durable(mw)._process is None
     check(records_of(url), DATA)
     assert list(streams(tmp_path / "spool")) == []
 
@@ -155,11 +163,10 @@ def test_ship_process_delivers_by_shutdown(tmp_path: Path) -> None:
 def test_a_worker_takes_over_shipping_when_the_shipper_goes(tmp_path: Path) -> None:
     """Two workers on one spool: one child ships, the other stands by; when the shipping
     worker stops, the other's periodic check starts a new child and its records arrive."""
-    from asgi_audit.shipping.shipper import ShipperLock
+    from asgi_audit.shipping.runners import ShipperLock
 
     url = f"sqlite:///{tmp_path / 'audit.db'}"
     first, second = audited(tmp_path, sink=url), audited(tmp_path, sink=url)
-    assert first.delivery is not None and second.delivery is not None
 
     async def serve(mw: AuditMiddleware, bodies: list[bytes]) -> None:
         for body in bodies:
@@ -169,12 +176,13 @@ def test_a_worker_takes_over_shipping_when_the_shipper_goes(tmp_path: Path) -> N
     lock = ShipperLock(tmp_path / "spool")
     assert wait_until(lock.held_elsewhere)
     asyncio.run(serve(second, DATA[1:]))
-    standby = second.delivery._process
+    assert second.recorder.flush(30)  # its stream is open: it has tried to start a shipper
+    standby = durable(second)._process
     assert standby is not None
     assert standby.process is None or standby.process.wait(30) == 0  # found the lock taken
-    assert first.delivery.shutdown_now(60)
+    assert first.recorder.shutdown(60)
     assert not lock.held_elsewhere()
-    second.delivery._keep_shipper()
+    durable(second)._keep_shipper()
     assert wait_until(lambda: len(records_of(url)) == len(DATA), timeout=60)
-    assert second.delivery.shutdown_now(60)
+    assert second.recorder.shutdown(60)
     check(records_of(url), DATA)

@@ -14,14 +14,17 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 import pytest
 from click.testing import CliRunner
+from psycopg.conninfo import conninfo_to_dict
 
 from asgi_audit.capture.settings import load_settings
 from asgi_audit.cli import main
-from asgi_audit.errors import ConfigError
-from asgi_audit.sinks import Query, SinkError, open_sink
-from asgi_audit.sinks.postgres import DAY_NS, PostgresSink
+from asgi_audit.errors import ConfigError, SinkError
+from asgi_audit.sinks import Query, check_sink_url, open_sink
+from asgi_audit.sinks.postgres.sink import DAY_NS, PostgresSink
+from asgi_audit.sinks.postgres.url import LIBPQ_KEYWORDS, libpq_options
 from asgi_audit.sinks.record import StoredRecord
 from factories import BASE_NS, Records, body
 from postgres_server import admin_connection, fresh_table, store_url
@@ -168,15 +171,15 @@ def test_retention_command(table: str, make: Records) -> None:
     assert zero.exit_code == 2 and "--keep-days" in zero.output
 
 
-def test_retention_command_on_a_store_without_retention(tmp_path: Path, make: Records) -> None:
-    """Stores that cannot drop old records say so in one line and exit 1."""
+def test_retention_command_on_a_sink_without_retention(tmp_path: Path, make: Records) -> None:
+    """Sinks that cannot drop old records say so in one line and exit 1."""
     url = f"sqlite:///{tmp_path}/audit.db"
     with contextlib.closing(open_sink(url)) as writer:
         writer.write_batch([make()])
     result = CliRunner().invoke(main, ["retention", "apply", "--sink", url, "--keep-days", "3"])
     assert result.exit_code == 1
     assert result.output.splitlines() == [
-        f"Error: {url}: this store has no retention (postgresql:// stores have)"
+        f"Error: {url}: this sink has no retention (postgresql:// sinks have)"
     ]
 
 
@@ -418,7 +421,7 @@ def test_bad_urls_fail_before_connecting(url: str, message: str) -> None:
     assert caught.value.parameter == "sink"
     assert ":pw@" not in str(caught.value)
     with pytest.raises(ConfigError, match=message) as at_startup:
-        load_settings({}, {"ASGI_AUDIT_SINK": url})
+        load_settings({}, {"ASGI_AUDIT_SINK": url}, check_sink_url)
     assert at_startup.value.parameter == "ASGI_AUDIT_SINK"
 
 
@@ -428,7 +431,7 @@ def test_bad_urls_fail_before_connecting(url: str, message: str) -> None:
 )
 def test_good_urls_are_accepted_without_a_server(url: str) -> None:
     """Configuration accepts both spellings and connects to nothing."""
-    assert load_settings({"sink": url}, {}).sink == url
+    assert load_settings({"sink": url}, {}, check_sink_url).sink == url
     store = open_sink(url)
     assert isinstance(store, PostgresSink)
     assert store.table == "audit_records"
@@ -441,3 +444,90 @@ def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delitem(sys.modules, "asgi_audit.sinks.postgres")
     with pytest.raises(ConfigError, match=r"pip install 'asgi-audit\[postgres\]'"):
         open_sink("postgresql://db/audit")
+
+
+def test_missing_pool_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """psycopg without psycopg_pool is not enough, and the check says so at start-up."""
+    monkeypatch.setitem(sys.modules, "psycopg_pool", None)
+    with pytest.raises(ConfigError, match=r"pip install 'asgi-audit\[postgres\]'"):
+        check_sink_url("postgresql://db/audit")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:pw%zz@db/audit",
+        "postgresql://u:pw%ff@db/audit",
+        "postgresql://u:pw%00@db/audit",
+        "postgresql://db/audit?password=pw%zz",
+        "postgresql://db/audit?password=pw&tabel=audit",
+        "postgresql://u:pw@db/audit?table=Audit",
+        "postgresql://u:pw@db/audit?table=audit#here",
+        "postgresql://db/audit?sslpassword=pw&port=x",
+    ],
+)
+def test_passwords_never_appear_in_url_errors(url: str) -> None:
+    """Whatever is wrong with the URL, the message shows *** for its passwords."""
+    with pytest.raises(ConfigError) as caught:
+        check_sink_url(url)
+    assert "pw" not in str(caught.value)
+    assert "***" in str(caught.value) or "the password" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://",
+        "postgres://db",
+        "postgresql://u:p%40ss@db:5432/audit",
+        "postgresql://u@",
+        "postgresql://:secret@db",
+        "postgresql://[::1]:5432,[fe80::1]/audit",
+        "postgresql://h1:1,h2,h3:3/audit",
+        "postgresql://db:,h:/audit",
+        "postgresql:///audit?host=/var/run/postgresql",
+        "postgresql://db/a/b%2Fc",
+        "postgresql://db/audit?ssl=true",
+        "postgresql://db/audit?requiressl=1&sslmode=verify-full",
+        "postgresql://db/audit?connect_timeout=&user=a&",
+        "postgresql://db/audit?options=-c%20statement_timeout%3D5s+x",
+        "postgresql://db?user=a@b",
+        "postgresql://d%C3%A9/%c3%a9",
+        "postgresql://db:notaport/audit?port=5432",
+    ],
+)
+def test_urls_libpq_accepts_are_read_as_libpq_reads_them(url: str) -> None:
+    """The check without psycopg reads the same parameters libpq does."""
+    assert libpq_options(url) == conninfo_to_dict(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "POSTGRESQL://db/audit",
+        "postgresql://db/audit?tabel=audit",
+        "postgresql://db/audit?Host=db",
+        "postgresql://db/audit?ssl=yes",
+        "postgresql://db/audit?user",
+        "postgresql://db/audit?user=a=b",
+        "postgresql://db/audit?user=a&&",
+        "postgresql://db/audit?%3D=1",
+        "postgresql://[::1/audit",
+        "postgresql://[]/audit",
+        "postgresql://[::1]x/audit",
+        "postgresql://u%zz@db/audit",
+        "postgresql://db/audit%00",
+    ],
+)
+def test_urls_libpq_refuses_are_refused(url: str) -> None:
+    """The check without psycopg refuses what libpq refuses."""
+    with pytest.raises(psycopg.Error):
+        conninfo_to_dict(url)
+    with pytest.raises(ValueError):  # noqa: PT011 (each case has its own message)
+        libpq_options(url)
+
+
+def test_every_parameter_of_the_installed_libpq_is_known() -> None:
+    """A libpq newer than the list of keywords fails here, not in a user's URL check."""
+    installed = {option.keyword.decode() for option in psycopg.pq.Conninfo.get_defaults()}
+    assert installed <= LIBPQ_KEYWORDS

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -20,19 +21,16 @@ import zstandard
 
 from asgi_audit import AuditMiddleware
 from asgi_audit.capture.record import new_record_id
-from asgi_audit.errors import ConfigError
+from asgi_audit.errors import ConfigError, CorruptRecord, SinkError
 from asgi_audit.recording.writer import SpoolRecorder
 from asgi_audit.shipping.shipper import Shipper
-from asgi_audit.sinks import Query, SinkError, open_sink
+from asgi_audit.sinks import Query, open_sink
 from asgi_audit.sinks.record import StoredRecord
-from asgi_audit.sinks.s3 import (
-    HOUR_NS,
-    S3Sink,
-    check_url,
-    decode_frame,
-    key_segment,
-    parse_url,
-)
+from asgi_audit.sinks.s3 import check_url
+from asgi_audit.sinks.s3.frames import decode_record_frame, encode_record_frame
+from asgi_audit.sinks.s3.keys import HOUR_NS, key_segment
+from asgi_audit.sinks.s3.sink import S3Sink
+from asgi_audit.sinks.s3.url import parse_url
 from factories import BASE_NS, SECOND_NS, Records, body
 from seaweed import SeaweedServer, free_ports
 from spooling import request_data
@@ -149,7 +147,7 @@ def test_one_data_object_and_one_index_per_batch_keyed_by_time_and_stream(
     offset = 0
     for entry, record in zip(index["records"], batch, strict=True):
         assert entry["offset"] == offset
-        frame = decode_frame(data, offset)
+        frame = decode_record_frame(data, offset)
         assert frame.end - offset == entry["length"]
         assert StoredRecord.from_metadata(frame.meta, frame.request, frame.response) == record
         offset = frame.end
@@ -383,6 +381,60 @@ def test_a_corrupt_data_object_is_reported_not_returned(
         store.get(record.id)
 
 
+def test_data_objects_written_with_the_spools_magic_stay_readable(
+    store: S3Sink, s3_server: SeaweedServer, bucket: str, prefix: str, make: Records
+) -> None:
+    """Frames are written with their own magic "AAS1"; objects stored before, whose frames
+    carry the spool's "AAB1", are still read: by get, by search with bodies, and when a
+    re-delivery finds one stored without its index and indexes it from its frames."""
+    records = [make(seq=seq, request_body=body(b'{"n": %d}' % seq * 50)) for seq in range(3)]
+    store.write_batch(records)
+    (data_key, index_key) = keys(s3_server, bucket, prefix)
+    index = index_of(s3_server, bucket, f"{prefix}/{index_key}")
+    admin = s3_server.admin()
+    data = bytearray(admin.get_object(Bucket=bucket, Key=f"{prefix}/{data_key}")["Body"].read())
+    for entry in index["records"]:
+        at = entry["offset"]
+        assert data[at : at + 4] == b"AAS1"
+        data[at : at + 4] = b"AAB1"  # the header is outside the CRC: the old object exactly
+    admin.put_object(Bucket=bucket, Key=f"{prefix}/{data_key}", Body=bytes(data))
+    probe = S3Sink(store.options)  # a fresh instance: nothing cached
+    try:
+        assert [probe.get(record.id) for record in records] == records
+        assert list(probe.search(everything(newest_first=False))) == records
+    finally:
+        probe.close()
+    admin.delete_object(Bucket=bucket, Key=f"{prefix}/{index_key}")  # a crash before the index
+    probe = S3Sink(store.options)
+    try:
+        assert probe.count() == 0
+        probe.write_batch(records)  # the stored object differs (its magic): it stays, indexed
+        assert keys(s3_server, bucket, prefix) == [data_key, index_key]
+        assert index_of(s3_server, bucket, f"{prefix}/{index_key}") == index
+        assert list(probe.search(everything(newest_first=False))) == records
+    finally:
+        probe.close()
+    stored = admin.get_object(Bucket=bucket, Key=f"{prefix}/{data_key}")["Body"].read()
+    assert stored == bytes(data)
+
+
+def test_a_bad_frame_is_a_corrupt_record_naming_its_position(make: Records) -> None:
+    """Decoding errors are CorruptRecord (a SinkError), saying which byte the frame is at."""
+    first, second = (b"".join(encode_record_frame(r, r.metadata())) for r in (make(), make()))
+    data = first + second
+    assert decode_record_frame(data, len(first)).record().id
+    with pytest.raises(CorruptRecord, match=f"frame at byte {len(first)} is cut short"):
+        decode_record_frame(data[:-1], len(first))
+    damaged = bytearray(data)
+    damaged[len(first) : len(first) + 4] = b"XXXX"
+    with pytest.raises(CorruptRecord, match=f"no frame at byte {len(first)}"):
+        decode_record_frame(bytes(damaged), len(first), source="bucket/key")
+    damaged = bytearray(data)
+    damaged[-1] ^= 0xFF
+    with pytest.raises(CorruptRecord, match=f"^obj: frame at byte {len(first) + 100} fails"):
+        decode_record_frame(bytes(damaged), len(first), source="obj", base=100)
+
+
 def test_shipper_into_s3_every_record_exactly_once_across_rebatching(
     tmp_path: Path, s3_server: SeaweedServer, bucket: str, prefix: str, opened: list[S3Sink]
 ) -> None:
@@ -392,7 +444,7 @@ def test_shipper_into_s3_every_record_exactly_once_across_rebatching(
     recorder = SpoolRecorder(spool)
     data = bodies(23)
     record_into(recorder, data, each_flushed=True)
-    assert recorder.close(timeout=30)
+    assert recorder.shutdown(timeout=30)
     shutil.copytree(spool, again)
     store = open_sink(s3_server.url(bucket, prefix))
     assert isinstance(store, S3Sink)
@@ -559,6 +611,21 @@ def test_without_boto3_the_error_says_what_to_install(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "boto3", None)
     with pytest.raises(ConfigError, match=r"pip install 'asgi-audit\[s3\]'"):
         open_sink("s3://audit/x?endpoint_url=http://127.0.0.1:9")
+
+
+def test_the_url_hooks_import_neither_boto3_nor_botocore() -> None:
+    """The app imports this package and checks its URL at start-up: boto3 and botocore
+    stay unimported (a fresh interpreter, so no other test has imported them already)."""
+    code = (
+        "import asgi_audit.sinks.s3, sys\n"
+        "asgi_audit.sinks.s3.check_url('s3://audit/x?region=us-east-1')\n"
+        "print(sorted(m for m in sys.modules if m.partition('.')[0] in ('boto3', 'botocore')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_closed_store_keeps_no_client(store: S3Sink) -> None:

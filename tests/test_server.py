@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from asgi_audit import AuditMiddleware, Body, Exchange, MemoryRecorder
+from harness import http_scope
 
 pytestmark = pytest.mark.server
 
@@ -760,20 +761,7 @@ def _blob_app(block: bytes, count: int) -> FastAPI:
 async def _drive(app: Callable[..., Any], path: str) -> tuple[int, str]:
     """Call ``app`` with a GET like uvicorn would; the client side hashes and drops every
     chunk. Returns (bytes received, their SHA-256)."""
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"test"), (b"x-request-id", path.encode())],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
+    scope = http_scope(path, method="GET", headers=[(b"x-request-id", path.encode())])
     done = asyncio.Event()
     requested = False
     hasher = hashlib.sha256()

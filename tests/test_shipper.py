@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -20,22 +21,17 @@ from typing import Any
 import pytest
 
 from asgi_audit import AuditMiddleware
+from asgi_audit.errors import ShippingStopped, SpoolError
 from asgi_audit.recording.spool import Checkpoint, SegmentWriter, StreamDirectory, streams
 from asgi_audit.recording.writer import SpoolRecorder
-from asgi_audit.shipping.shipper import (
-    Shipper,
-    ShipperLock,
-    ShipperProcess,
-    ShipperThread,
-    Stopped,
-)
+from asgi_audit.shipping.runners import ShipperLock, ShipperProcess, ShipperThread
+from asgi_audit.shipping.shipper import Shipper
 from asgi_audit.sinks import Query, open_sink
 from asgi_audit.sinks.memory import MemorySink
 from asgi_audit.sinks.record import StoredRecord
+from harness import EchoApp, call
 from spooling import (
-    EchoApp,
     FlakySink,
-    call,
     request_data,
     spooled,
     threads_named,
@@ -75,7 +71,7 @@ def dead_spool(root: Path, data: Sequence[bytes], **options: Any) -> str:
     ``options`` go to the middleware."""
     recorder = SpoolRecorder(root)
     record_into(recorder, data, each_flushed=True, **options)
-    assert recorder.close(timeout=30)
+    assert recorder.shutdown(timeout=30)
     return recorder.stream
 
 
@@ -100,7 +96,7 @@ def recorders() -> Any:
     made: list[SpoolRecorder] = []
     yield made
     for recorder in made:
-        assert recorder.close(timeout=30)
+        assert recorder.shutdown(timeout=30)
 
 
 def live_recorder(recorders: list[SpoolRecorder], root: Path, **options: Any) -> SpoolRecorder:
@@ -172,14 +168,14 @@ def test_a_failing_sink_is_retried_with_backoff(
 
 
 def test_deadline_while_the_sink_is_down_stops_and_keeps_everything(tmp_path: Path) -> None:
-    """Sink down past the deadline: Stopped, checkpoint kept, records shipped by a later pass."""
+    """Sink down past the deadline: ShippingStopped, checkpoint kept, shipped by a later pass."""
     spool = tmp_path / "spool"
     data = bodies(5, seed=2)
     dead_spool(spool, data)
     down = FlakySink(failures=10**9)
     shipper = Shipper(spool, down, backoff_initial=0.01, backoff_max=0.02)
-    with pytest.raises(Stopped):
-        shipper.ship_once(deadline=time.monotonic() + 0.2)
+    with pytest.raises(ShippingStopped):
+        shipper.ship_once(timeout=0.2)
     assert down.calls >= 1 and down.records == []
     [stream] = streams(spool)
     assert stream.checkpoint() == Checkpoint("", 0, 0)
@@ -210,10 +206,8 @@ def test_batches_delivered_before_an_outage_are_not_shipped_again(tmp_path: Path
     data = [b"%d" % i for i in range(7)]
     dead_spool(spool, data)
     first = FailsAfter(good=2)
-    with pytest.raises(Stopped):
-        Shipper(spool, first, batch_records=2, backoff_initial=0.01).ship_once(
-            deadline=time.monotonic() + 0.2
-        )
+    with pytest.raises(ShippingStopped):
+        Shipper(spool, first, batch_records=2, backoff_initial=0.01).ship_once(timeout=0.2)
     assert [request_data(r) for r in first.records] == data[:4]
     [stream] = streams(spool)
     assert stream.checkpoint().delivered == 4
@@ -228,7 +222,7 @@ def test_stop_event_interrupts_the_backoff(tmp_path: Path) -> None:
     dead_spool(spool, [b"x"])
     stop = threading.Event()
     stop.set()
-    with pytest.raises(Stopped):
+    with pytest.raises(ShippingStopped):
         Shipper(spool, FlakySink(failures=1), backoff_initial=30).ship_once(stop=stop)
     assert [r.request for r in spooled(spool)] == [b"x"]
 
@@ -339,7 +333,7 @@ def test_an_adopted_stream_is_not_removed_under_a_new_writer(
         try:
             writer.open()
             arrived.append(writer)
-        except RuntimeError as exc:
+        except SpoolError as exc:
             refused.append(exc)
         original(self)
 
@@ -400,8 +394,8 @@ def test_shipper_thread_delivers_everything_by_stop(
     assert wait_until(lambda: sink.count() == 5)
     second = bodies(5, seed=4)
     record_into(recorder, second)
-    assert recorder.close(timeout=30)
-    assert shipper.stop(time.monotonic() + 30)
+    assert recorder.shutdown(timeout=30)
+    assert shipper.stop(30)
     assert len(threads_named("asgi-audit-shipper")) == before
     check_delivered(all_records(sink), first + second)
     assert list(streams(spool)) == []
@@ -433,7 +427,7 @@ def test_shipper_thread_stop_that_times_out_reports_it_and_frees_the_lock(
     shipper = ShipperThread(spool, sink)
     shipper.start()
     assert sink.entered.wait(30)
-    assert not shipper.stop(time.monotonic() + 0.1)
+    assert not shipper.stop(0.1)
     sink.release.set()
     assert wait_until(lambda: not threads_named("asgi-audit-shipper"), timeout=30)
     lock = ShipperLock(spool)
@@ -467,8 +461,8 @@ def test_shipper_process_ships_and_exits_cleanly(
         assert wait_until(lambda: stored() == 4, timeout=60)
         second = bodies(3, seed=6)
         record_into(recorder, second)
-        assert recorder.close(timeout=30)
-        assert child.stop(time.monotonic() + 60)
+        assert recorder.shutdown(timeout=30)
+        assert child.stop(60)
     finally:
         if process.poll() is None:
             process.kill()
@@ -487,7 +481,7 @@ def test_shipper_process_defers_to_a_lock_holder(tmp_path: Path) -> None:
         child = ShipperProcess(tmp_path, f"sqlite:///{tmp_path / 'audit.db'}")
         child.start()
         assert child.process is None
-        assert child.stop(time.monotonic() + 1)
+        assert child.stop(1)
     finally:
         lock.release()
     assert not os.path.exists(tmp_path / "audit.db")
@@ -507,7 +501,7 @@ def test_shipper_process_stopped_right_after_start_still_makes_its_last_pass(
     process = child.process
     assert process is not None
     try:
-        assert child.stop(time.monotonic() + 60)
+        assert child.stop(60)
     finally:
         if process.poll() is None:
             process.kill()
@@ -517,31 +511,24 @@ def test_shipper_process_stopped_right_after_start_still_makes_its_last_pass(
         check_delivered(all_records(store), data)
 
 
+SHIP = [sys.executable, "-m", "asgi_audit", "ship"]
+
+
 def test_a_standby_child_exits_cleanly_when_the_lock_is_taken(tmp_path: Path) -> None:
     """A child shipper that finds the spool's lock taken exits 0 at once, with nothing on
     stderr (its stdin watcher must not abort the interpreter at exit)."""
     import subprocess
-    import sys
-
-    from asgi_audit.shipping.shipper import _CHILD, ShipperLock
 
     lock = ShipperLock(tmp_path)
     assert lock.acquire()
+    environment = {**os.environ, "ASGI_AUDIT_SINK": f"sqlite:///{tmp_path / 'audit.db'}"}
     try:
         for _ in range(3):  # the abort was a race at exit: try it a few times
             child = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    _CHILD,
-                    "--spool",
-                    str(tmp_path),
-                    "--sink",
-                    f"sqlite:///{tmp_path / 'audit.db'}",
-                    "--stop-on-eof",
-                ],
+                [*SHIP, "--spool", str(tmp_path), "--child-of", str(os.getpid())],
                 stdin=subprocess.PIPE,
                 stderr=subprocess.PIPE,
+                env=environment,
             )
             # stdin stays open, as it does while the parent lives: the child must end on
             # its own, with its stdin watcher still waiting.
@@ -574,7 +561,7 @@ def test_a_sidecar_waits_for_a_store_that_cannot_be_opened_yet(tmp_path: Path) -
     )
     try:
         assert shipper.stderr is not None
-        assert b"cannot open the store" in shipper.stderr.readline() + shipper.stderr.readline()
+        assert b"cannot open the sink" in shipper.stderr.readline() + shipper.stderr.readline()
         blocker.unlink()
         blocker.mkdir()
 

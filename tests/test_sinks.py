@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,13 +23,13 @@ from typing import Any
 
 import pytest
 
-from asgi_audit.errors import ConfigError
-from asgi_audit.sinks import DEFAULT_SINK_URL, Query, SinkError, Store, open_sink
+from asgi_audit.errors import ConfigError, CorruptRecord, SinkError
+from asgi_audit.sinks import DEFAULT_SINK_URL, Query, Sink, open_sink
 from asgi_audit.sinks.jsonl import JsonlSink
 from asgi_audit.sinks.record import StoredRecord
-from asgi_audit.sinks.sqlite import SqliteSink
+from asgi_audit.sinks.sqlite.sink import SqliteSink
 from factories import BASE_NS, DAY_NS, LATIN1_HIGH, SECOND_NS, Records, body
-from postgres_server import fresh_table
+from postgres_server import admin_connection, fresh_table
 from postgres_server import store_url as postgres_store_url
 from seaweed import SeaweedServer
 
@@ -35,7 +37,7 @@ CONTRACT_STORES = ["memory", "jsonl", "sqlite", "postgres", "s3"]
 STORE_MARKS = {"s3": pytest.mark.s3, "postgres": pytest.mark.postgres}
 """Markers of stores that need a server, so that ``-m "not s3"`` leaves them out."""
 
-Opener = Callable[[], Store]
+Opener = Callable[[], Sink]
 
 
 def stripped(record: StoredRecord) -> StoredRecord:
@@ -100,11 +102,11 @@ def store_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def open_store(store_url: str) -> Iterator[Opener]:
+def open_postgres(store_url: str) -> Iterator[Opener]:
     """Opens new instances on this test's URL; every one is closed at the end."""
-    opened: list[Store] = []
+    opened: list[Sink] = []
 
-    def opener() -> Store:
+    def opener() -> Sink:
         store = open_sink(store_url)
         opened.append(store)
         return store
@@ -115,15 +117,15 @@ def open_store(store_url: str) -> Iterator[Opener]:
 
 
 @pytest.fixture
-def store(open_store: Opener) -> Store:
+def store(open_postgres: Opener) -> Sink:
     """One open instance of this test's store."""
-    return open_store()
+    return open_postgres()
 
 
 # The contract -------------------------------------------------------------------------
 
 
-def test_records_read_back_equal_to_what_was_written(store: Store, make: Records) -> None:
+def test_records_read_back_equal_to_what_was_written(store: Sink, make: Records) -> None:
     """get and search(with_bodies) return every field and the exact body bytes."""
     records = [make() for _ in range(3)]
     store.write_batch(records)
@@ -132,7 +134,7 @@ def test_records_read_back_equal_to_what_was_written(store: Store, make: Records
     assert list(store.search(everything(newest_first=False))) == records
 
 
-def test_listing_leaves_out_body_bytes_only(store: Store, make: Records) -> None:
+def test_listing_leaves_out_body_bytes_only(store: Sink, make: Records) -> None:
     """Without with_bodies, results keep sizes and digests but carry no body data."""
     record = make()
     store.write_batch([record])
@@ -143,7 +145,7 @@ def test_listing_leaves_out_body_bytes_only(store: Store, make: Records) -> None
     assert listed.request_body.sha256 == hashlib.sha256(b'{"order": 0}').hexdigest()
 
 
-def test_same_batch_twice_keeps_one_copy(store: Store, make: Records) -> None:
+def test_same_batch_twice_keeps_one_copy(store: Sink, make: Records) -> None:
     """Redelivering a whole batch (at-least-once) leaves one copy of each record."""
     batch = [make() for _ in range(4)]
     store.write_batch(batch)
@@ -152,7 +154,7 @@ def test_same_batch_twice_keeps_one_copy(store: Store, make: Records) -> None:
     assert list(store.search(everything(newest_first=False))) == batch
 
 
-def test_overlapping_batch_adds_only_new_records(store: Store, make: Records) -> None:
+def test_overlapping_batch_adds_only_new_records(store: Sink, make: Records) -> None:
     """A batch overlapping stored ids adds the new ones and keeps the first copy of the rest."""
     first = [make() for _ in range(3)]
     store.write_batch(first)
@@ -164,7 +166,7 @@ def test_overlapping_batch_adds_only_new_records(store: Store, make: Records) ->
     assert ids(store.search(everything(newest_first=False))) == ids(first + later)
 
 
-def test_duplicates_inside_one_batch_keep_one_copy(store: Store, make: Records) -> None:
+def test_duplicates_inside_one_batch_keep_one_copy(store: Sink, make: Records) -> None:
     """An id repeated inside a single batch is stored once, first occurrence kept."""
     record = make()
     store.write_batch([record, dataclasses.replace(record, status=503), record])
@@ -172,14 +174,14 @@ def test_duplicates_inside_one_batch_keep_one_copy(store: Store, make: Records) 
     assert store.get(record.id) == record
 
 
-def test_empty_batch_changes_nothing(store: Store) -> None:
+def test_empty_batch_changes_nothing(store: Sink) -> None:
     """Writing no records is allowed and stores nothing."""
     store.write_batch([])
     assert store.count() == 0
     assert list(store.search(everything())) == []
 
 
-def test_time_range_includes_since_and_excludes_until(store: Store, make: Records) -> None:
+def test_time_range_includes_since_and_excludes_until(store: Sink, make: Records) -> None:
     """since_ns is inclusive, until_ns exclusive, either may be given alone."""
     records = [make() for _ in range(5)]
     store.write_batch(records)
@@ -191,7 +193,7 @@ def test_time_range_includes_since_and_excludes_until(store: Store, make: Record
     assert list(store.search(everything(since_ns=start[4] + 1))) == []
 
 
-def test_route_method_and_correlation_filters(store: Store, make: Records) -> None:
+def test_route_method_and_correlation_filters(store: Sink, make: Records) -> None:
     """route, method and correlation_id match exactly, and combine with AND."""
     order = make()
     listing = make(method="GET", route="/orders", path="/orders")
@@ -205,7 +207,7 @@ def test_route_method_and_correlation_filters(store: Store, make: Records) -> No
     assert list(store.search(everything(route="/orders/1"))) == []
 
 
-def test_status_ranges_are_inclusive_and_skip_missing_status(store: Store, make: Records) -> None:
+def test_status_ranges_are_inclusive_and_skip_missing_status(store: Sink, make: Records) -> None:
     """status_low/high bound inclusively; an exchange with no status never matches them."""
     by_status = {status: make(status=status) for status in (200, 204, 400, 404, 499, 500, 503)}
     no_response = make(status=None, outcome="client_disconnected", response_body=None)
@@ -222,7 +224,7 @@ def test_status_ranges_are_inclusive_and_skip_missing_status(store: Store, make:
     assert None in statuses()
 
 
-def test_order_both_ways_with_ties_broken_by_id(store: Store, make: Records) -> None:
+def test_order_both_ways_with_ties_broken_by_id(store: Sink, make: Records) -> None:
     """Results follow (started_at_ns, id): newest first by default, oldest first on request."""
     same_time = BASE_NS + 30 * SECOND_NS
     tied = [make(id=f"{letter}{uuid.uuid4()}", started_at_ns=same_time) for letter in "cab"]
@@ -234,7 +236,7 @@ def test_order_both_ways_with_ties_broken_by_id(store: Store, make: Records) -> 
     assert ids(store.search(Query())) == ids(oldest_first[::-1])
 
 
-def test_limit_keeps_the_first_results_of_the_order(store: Store, make: Records) -> None:
+def test_limit_keeps_the_first_results_of_the_order(store: Sink, make: Records) -> None:
     """limit cuts after ordering: the newest N by default, the oldest N when ascending."""
     records = [make() for _ in range(6)]
     store.write_batch(records[::-1])
@@ -249,7 +251,7 @@ def test_limit_keeps_the_first_results_of_the_order(store: Store, make: Records)
     assert len(list(store.search(Query(limit=100)))) == 6
 
 
-def test_long_results_come_back_whole_and_in_order(store: Store, make: Records) -> None:
+def test_long_results_come_back_whole_and_in_order(store: Sink, make: Records) -> None:
     """Hundreds of matches (more than a read page) arrive complete, ordered, unduplicated."""
     records = [make() for _ in range(600)]
     for start in range(0, 600, 150):
@@ -260,7 +262,7 @@ def test_long_results_come_back_whole_and_in_order(store: Store, make: Records) 
     assert with_bodies == records[550:][::-1]
 
 
-def test_many_records_sharing_a_start_time_page_by_id(store: Store, make: Records) -> None:
+def test_many_records_sharing_a_start_time_page_by_id(store: Sink, make: Records) -> None:
     """Ties on started_at_ns larger than a read page are neither skipped nor repeated."""
     tied = [make(started_at_ns=BASE_NS) for _ in range(300)]
     store.write_batch(tied)
@@ -269,7 +271,7 @@ def test_many_records_sharing_a_start_time_page_by_id(store: Store, make: Record
     assert ids(store.search(everything(limit=290))) == by_id[::-1][:290]
 
 
-def test_ten_megabyte_body_is_stored_exactly(store: Store, make: Records) -> None:
+def test_ten_megabyte_body_is_stored_exactly(store: Sink, make: Records) -> None:
     """A 10 MB binary body comes back byte for byte, through get and search."""
     data = os.urandom(10 * 1024 * 1024)
     record = make(request_body=body(data), request_size=len(data))
@@ -280,7 +282,7 @@ def test_ten_megabyte_body_is_stored_exactly(store: Store, make: Records) -> Non
     assert found.request_body.data == data
 
 
-def test_empty_body_and_missing_body_stay_distinct(store: Store, make: Records) -> None:
+def test_empty_body_and_missing_body_stay_distinct(store: Sink, make: Records) -> None:
     """b"" (stored, empty), data None (not stored) and no body at all all round-trip."""
     empty = make(request_body=body(b""), request_size=0)
     unstored = make(request_body=body(None, size=2048, sha256="ab" * 32, truncated=True))
@@ -298,7 +300,7 @@ def test_empty_body_and_missing_body_stay_distinct(store: Store, make: Records) 
     assert got_unstored.metadata()["request_body"]["stored"] is False
 
 
-def test_unicode_latin1_headers_and_binary_bodies(store: Store, make: Records) -> None:
+def test_unicode_latin1_headers_and_binary_bodies(store: Sink, make: Records) -> None:
     """Non-ASCII paths, latin-1 header text (0x80-0xFF) and non-UTF-8 bytes survive as-is."""
     binary = bytes(range(256)) + b"\xff\xfe\x00\x80\xc3("
     record = make(
@@ -316,20 +318,20 @@ def test_unicode_latin1_headers_and_binary_bodies(store: Store, make: Records) -
     assert ids(store.search(everything(route="/caf\u00e9/{name}"))) == [record.id]
 
 
-def test_lone_surrogate_is_stored_not_refused(store: Store, make: Records) -> None:
+def test_lone_surrogate_is_stored_not_refused(store: Sink, make: Records) -> None:
     """Text no UTF-8 codec accepts is still stored (a refused record would block its stream)."""
     record = make(path="/bad-\udcff-path", request_headers=[("x-odd", "\ud800")])
     store.write_batch([record])
     assert store.get(record.id) == record
 
 
-def test_get_of_an_unknown_id_is_none(store: Store, make: Records) -> None:
+def test_get_of_an_unknown_id_is_none(store: Sink, make: Records) -> None:
     """get returns None for an id never written."""
     store.write_batch([make()])
     assert store.get(str(uuid.uuid4())) is None
 
 
-def test_count_counts_distinct_records(store: Store, make: Records) -> None:
+def test_count_counts_distinct_records(store: Sink, make: Records) -> None:
     """count starts at zero and grows by the records actually added."""
     assert store.count() == 0
     batch = [make() for _ in range(7)]
@@ -339,7 +341,7 @@ def test_count_counts_distinct_records(store: Store, make: Records) -> None:
     assert store.count() == 7
 
 
-def test_stored_copy_is_independent_of_the_callers_objects(store: Store, make: Records) -> None:
+def test_stored_copy_is_independent_of_the_callers_objects(store: Sink, make: Records) -> None:
     """Mutating a record after writing it, or a record read back, changes nothing stored."""
     record = make()
     kept = dataclasses.replace(record, request_headers=list(record.request_headers))
@@ -353,29 +355,29 @@ def test_stored_copy_is_independent_of_the_callers_objects(store: Store, make: R
     assert store.get(record.id) == kept
 
 
-def test_reopened_store_sees_the_data(open_store: Opener, make: Records) -> None:
+def test_reopened_store_sees_the_data(open_postgres: Opener, make: Records) -> None:
     """A new instance on the same URL reads what an earlier one wrote, and still dedupes."""
-    first = open_store()
+    first = open_postgres()
     batch = [make() for _ in range(3)]
     first.write_batch(batch)
     first.close()
-    second = open_store()
+    second = open_postgres()
     assert second.count() == 3
     assert second.get(batch[1].id) == batch[1]
     second.write_batch([*batch, make()])
     assert second.count() == 4
 
 
-def test_second_instance_reads_while_the_first_writes(open_store: Opener, make: Records) -> None:
+def test_second_instance_reads_while_the_first_writes(open_postgres: Opener, make: Records) -> None:
     """A reader opened beside a live writer (the CLI beside the shipper) sees each commit."""
-    writer, reader = open_store(), open_store()
+    writer, reader = open_postgres(), open_postgres()
     for n in range(1, 4):
         writer.write_batch([make()])
         assert reader.count() == n
     assert ids(reader.search(Query())) == ids(writer.search(Query()))
 
 
-def test_closed_store_refuses_work(store: Store, make: Records) -> None:
+def test_closed_store_refuses_work(store: Sink, make: Records) -> None:
     """After close, writes and reads raise SinkError; closing again is harmless."""
     store.close()
     store.close()
@@ -389,9 +391,9 @@ def test_closed_store_refuses_work(store: Store, make: Records) -> None:
         list(store.search(Query()))
 
 
-def test_every_store_is_sink_and_reader(store: Store) -> None:
+def test_every_store_is_sink_and_reader(store: Sink) -> None:
     """open_sink returns an object satisfying both protocols."""
-    assert isinstance(store, Store)
+    assert isinstance(store, Sink)
 
 
 # memory -------------------------------------------------------------------------------
@@ -604,13 +606,79 @@ def test_jsonl_allows_one_writer_per_directory(jsonl_url: str, make: Records) ->
         second.close()
 
 
+# the SQL stores --------------------------------------------------------------------
+
+
+DAMAGE = {
+    "metadata cut short": "metadata = '{{\"id\": '",
+    "metadata not a record": "metadata = '[1, 2]'",
+    "body not zstd": "response_body = {zstd_garbage}, response_encoding = 'zstd'",
+    "unknown encoding": "response_encoding = 'brotli'",
+}
+"""Ways to spoil a stored row, as SET clauses (``{zstd_garbage}``: a bytes literal)."""
+
+
+def damage_row(url: str, record_id: str, damage: str) -> None:
+    """Spoil the row of ``record_id`` behind the store's back, as a disk or a person might."""
+    change = DAMAGE[damage]
+    if url.startswith("sqlite:"):
+        with contextlib.closing(sqlite3.connect(sqlite_path(url))) as db, db:
+            change = change.format(zstd_garbage="x'28b52ffd00'")
+            db.execute(f"UPDATE records SET {change} WHERE id = ?", (record_id,))
+        return
+    table = url.rpartition("table=")[2]
+    with admin_connection() as server:
+        change = change.format(zstd_garbage="'\\x28b52ffd00'::bytea")
+        server.execute(f"UPDATE {table} SET {change} WHERE id = %s", (record_id,))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def sql_store_url(request: pytest.FixtureRequest) -> str:
+    """A fresh SQLite file, then a fresh PostgreSQL table."""
+    url = request.getfixturevalue(f"{request.param}_url")
+    assert isinstance(url, str)
+    return url
+
+
+@pytest.mark.parametrize(
+    ("damage", "listing_reads_it"),
+    [
+        ("metadata cut short", True),
+        ("metadata not a record", True),
+        ("body not zstd", False),
+        ("unknown encoding", False),
+    ],
+)
+def test_damaged_row_is_a_corrupt_record(
+    sql_store_url: str, make: Records, damage: str, listing_reads_it: bool
+) -> None:
+    """A row that cannot be read back raises CorruptRecord naming the record, from get and
+    from search, never a JSON or zstd error; the other rows still read, and a listing
+    without bodies does not touch the damaged bytes of a body."""
+    damaged, intact = make(), make()
+    with contextlib.closing(open_sink(sql_store_url)) as store:
+        store.write_batch([damaged, intact])
+        damage_row(sql_store_url, damaged.id, damage)
+        with pytest.raises(CorruptRecord, match=damaged.id):
+            store.get(damaged.id)
+        with pytest.raises(CorruptRecord, match=damaged.id):
+            list(store.search(Query(with_bodies=True)))
+        assert store.get(intact.id) == intact
+        listing = store.search(Query(newest_first=False))
+        if listing_reads_it:
+            with pytest.raises(CorruptRecord, match=damaged.id):
+                list(listing)
+        else:
+            assert [record.id for record in listing] == [damaged.id, intact.id]
+
+
 # open_sink ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("url", ["ftp://host/x", "redis://localhost:6379/0"])
 def test_unknown_scheme_lists_the_known_ones(url: str) -> None:
     """An unknown scheme fails naming the parameter and every scheme that exists."""
-    with pytest.raises(ConfigError, match="unknown scheme") as caught:
+    with pytest.raises(ConfigError, match="unknown kind of sink") as caught:
         open_sink(url)
     assert caught.value.parameter == "sink"
     for scheme in ("sqlite", "jsonl", "memory", "postgresql", "s3"):
@@ -658,6 +726,29 @@ def test_sqlite_url_naming_a_directory_is_refused(tmp_path: Path) -> None:
     """A sqlite URL must name a file, not an existing directory."""
     with pytest.raises(ConfigError, match="names a directory"):
         open_sink(f"sqlite:///{tmp_path}")
+
+
+def test_checking_sql_urls_loads_no_database_driver() -> None:
+    """The middleware checks its sink URL in the app's process: for sqlite:// and
+    postgresql:// that imports neither sqlite3 nor psycopg (only the shipper needs them).
+    A fresh interpreter, since this one has loaded them all."""
+    code = "\n".join(
+        [
+            "import sys",
+            "from asgi_audit.sinks import check_sink_url, postgres, sqlite",
+            "sqlite.check_url('sqlite:///audit.db')",
+            "postgres.check_url('postgresql://audit@db.internal:5432/audit?sslmode=require')",
+            "check_sink_url('sqlite:////var/lib/audit.db')",
+            "check_sink_url('postgres://db/audit?table=audit_records')",
+            "drivers = ('sqlite3', '_sqlite3', 'psycopg', 'psycopg_pool')",
+            "print(sorted(name for name in drivers if name in sys.modules))",
+        ]
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_scheme_is_case_insensitive(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from asgi_audit.errors import SpoolError
 from asgi_audit.recording.frames import Frame, Tail, decode_payload, encode_frame, read_frames
 from asgi_audit.recording.spool import (
     Checkpoint,
@@ -105,7 +106,7 @@ def test_second_writer_on_the_same_stream_is_refused(tmp_path: Path) -> None:
     first = SegmentWriter(tmp_path, "s")
     first.open()
     try:
-        with pytest.raises(RuntimeError, match="already being written"):
+        with pytest.raises(SpoolError, match="already being written"):
             SegmentWriter(tmp_path, "s").open()
     finally:
         first.close()
@@ -174,7 +175,7 @@ def test_lock_of_a_killed_process_is_free(tmp_path: Path) -> None:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "locked"
         assert stream.writer_alive()
-        with pytest.raises(RuntimeError):
+        with pytest.raises(SpoolError):
             SegmentWriter(tmp_path, "s").open()
     finally:
         child.send_signal(signal.SIGKILL)

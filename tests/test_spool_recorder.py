@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,9 @@ from asgi_audit.recording import writer as spool_recorder
 from asgi_audit.recording.redact import MARKER
 from asgi_audit.recording.spool import SegmentWriter, StreamDirectory, streams
 from asgi_audit.recording.writer import SpoolRecorder
+from harness import EchoApp, call
 from spooling import (
     SECRET_REQUEST_HEADERS,
-    EchoApp,
-    call,
     frame_count,
     spooled,
     threads_named,
@@ -39,7 +39,7 @@ def recorders() -> Iterator[list[SpoolRecorder]]:
     made: list[SpoolRecorder] = []
     yield made
     for recorder in made:
-        assert recorder.close(timeout=30)
+        assert recorder.shutdown(timeout=30)
 
 
 def make(recorders: list[SpoolRecorder], root: Path, **options: Any) -> SpoolRecorder:
@@ -190,33 +190,33 @@ def test_no_thread_and_no_files_before_the_first_exchange(
     assert len(threads_named(THREAD)) == before + 1
     run_all(mw, [b"b", b"c"])
     assert len(threads_named(THREAD)) == before + 1
-    assert recorder.close(timeout=30)
+    assert recorder.shutdown(timeout=30)
     assert len(threads_named(THREAD)) == before
 
 
 def test_close_drains_everything_and_releases_the_stream(tmp_path: Path) -> None:
-    """close() writes everything queued, joins the thread and releases the writer lock."""
+    """shutdown() writes everything queued, joins the thread and releases the writer lock."""
     recorder = SpoolRecorder(tmp_path / "spool", interval=60.0, batch_records=10_000)
     before = len(threads_named(THREAD))
     run_all(audited(recorder), [b"%d" % i for i in range(50)])
     stream = StreamDirectory(tmp_path / "spool" / "streams" / recorder.stream)
-    assert stream.writer_alive()
-    assert recorder.close(timeout=30)
+    assert recorder.queued == 50  # the batch window is a minute: nothing written yet
+    assert recorder.shutdown(timeout=30)
     assert len(threads_named(THREAD)) == before
     assert recorder.queued == 0
     assert [r.request for r in spooled(tmp_path / "spool")] == [b"%d" % i for i in range(50)]
     assert not stream.writer_alive()
-    assert recorder.close(timeout=30)  # twice is fine
+    assert recorder.shutdown(timeout=30)  # twice is fine
 
 
 def test_exchange_after_close_neither_hangs_nor_raises_into_the_app(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An exchange after close() gets its response; the loss is counted, the loop never spins."""
+    """An exchange after shutdown() gets its response; the loss is counted, the loop never spins."""
     recorder = SpoolRecorder(tmp_path / "spool")
     mw = audited(recorder, overflow="block")
     run_all(mw, [b"before"])
-    assert recorder.close(timeout=30)
+    assert recorder.shutdown(timeout=30)
 
     async def late() -> bytes:
         return await asyncio.wait_for(call(mw, b"after"), 10)
@@ -386,32 +386,41 @@ def test_a_record_that_cannot_be_encoded_does_not_stop_the_writer(
     assert len(threads_named(THREAD)) >= 1
 
 
-def test_a_stream_that_cannot_be_opened_is_retried(tmp_path: Path) -> None:
-    """A writer that cannot start fails that exchange (not queued) and starts on the next."""
+def test_a_stream_that_cannot_be_opened_loses_that_batch_and_is_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stream that cannot be opened (another live writer holds it) loses the batch that
+    found it so (counted, warned once), refuses exchanges for ``retry_seconds`` (the
+    middleware counts them), then opens with a later batch."""
     holder = SegmentWriter(tmp_path / "spool", "fixed")
     holder.open()
-    recorder = SpoolRecorder(tmp_path / "spool", stream=lambda: "fixed")
+    recorder = SpoolRecorder(tmp_path / "spool", stream=lambda: "fixed", retry_seconds=0.5)
     mw = audited(recorder)
     try:
-        run_all(mw, [b"lost"])
+        with caplog.at_level("WARNING", logger="asgi_audit"):
+            run_all(mw, [b"lost"])
+            assert recorder.flush(timeout=30)
+            assert recorder.lost == 1
+            run_all(mw, [b"refused"])
         assert mw.failures == 1
-        assert recorder.queued == 0
+        assert "cannot open spool stream" in caplog.text
     finally:
         holder.close()
+    time.sleep(0.6)
     run_all(mw, [b"kept"])
-    assert recorder.close(timeout=30)
+    assert recorder.shutdown(timeout=30)
     assert [r.request for r in spooled(tmp_path / "spool")] == [b"kept"]
-    assert mw.failures == 1
+    assert (mw.failures, recorder.lost) == (1, 1)
 
 
 def test_default_stream_names_differ_between_recorders(tmp_path: Path) -> None:
     """Two recorders of one pid (a restarted PID 1) write two different streams."""
     first = SpoolRecorder(tmp_path / "spool")
     run_all(audited(first), [b"1"])
-    assert first.close(timeout=30)
+    assert first.shutdown(timeout=30)
     second = SpoolRecorder(tmp_path / "spool")
     run_all(audited(second), [b"2"])
-    assert second.close(timeout=30)
+    assert second.shutdown(timeout=30)
     assert first.stream != second.stream
     assert len(list(streams(tmp_path / "spool"))) == 2
 
@@ -433,7 +442,7 @@ def test_over_the_disk_cap_with_drop_counts_and_flush_returns(
 def test_over_the_disk_cap_with_block_waits_then_close_writes_anyway(
     tmp_path: Path, recorders: list[SpoolRecorder]
 ) -> None:
-    """Over disk_cap with overflow='block', the writer waits for room; close() does not
+    """Over disk_cap with overflow='block', the writer waits for room; shutdown() does not
     wait for a shipper that may never come: it writes past the cap and loses nothing."""
     recorder = make(recorders, tmp_path / "spool", disk_cap=1, interval=0.01)
     mw = audited(recorder)
@@ -441,7 +450,7 @@ def test_over_the_disk_cap_with_block_waits_then_close_writes_anyway(
     assert recorder.flush(timeout=20)
     run_all(mw, [b"waits"])
     assert not recorder.flush(timeout=0.3)  # held back by the cap
-    assert recorder.close(timeout=20)
+    assert recorder.shutdown(timeout=20)
     assert [r.request for r in spooled(tmp_path / "spool")] == [b"fits", b"waits"]
 
 

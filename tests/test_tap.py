@@ -19,17 +19,13 @@ from hypothesis import strategies as st
 from asgi_audit import AuditMiddleware, MemoryRecorder
 from asgi_audit._types import Message, Receive, Scope, Send
 from asgi_audit.capture.record import Body
-from asgi_audit.capture.spill import executor
 from asgi_audit.capture.tap import MAX_BACKLOG, BodyTap, OverLimit
+from harness import Client, http_scope
+from harness import drain_worker as _drain_worker
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 BATCH = 64 << 10
 """The smallest batch a tap hands to the spill worker (its batch size for small limits)."""
-
-
-def _drain_worker() -> None:
-    """Wait until every job queued on the shared spill worker so far has run."""
-    executor().submit(lambda: None).result(timeout=30)
 
 
 @st.composite
@@ -320,23 +316,6 @@ def test_failed_spill_write_never_yields_wrong_bytes(
 # --- the middleware copies reusable buffers -------------------------------------------
 
 
-def _scope() -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/upload",
-        "raw_path": b"/upload",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"test")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
-
-
 @pytest.mark.parametrize("kind", [bytearray, memoryview])
 @pytest.mark.parametrize("memory_limit", [1 << 20, 0])
 def test_reused_buffers_are_copied_by_the_middleware(
@@ -350,12 +329,6 @@ def test_reused_buffers_are_copied_by_the_middleware(
         {"type": "http.request", "body": b"", "more_body": False},
     ]
 
-    async def receive() -> Message:
-        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        pass
-
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
         request_buffer[:] = b"REUSED!!!"  # the server reuses its read buffer
@@ -368,7 +341,8 @@ def test_reused_buffers_are_copied_by_the_middleware(
     middleware = AuditMiddleware(
         app, recorder=recorder, memory_limit=memory_limit, spill_dir=tmp_path, environ={}
     )
-    asyncio.run(middleware(_scope(), receive, send))
+    client = Client(incoming)
+    asyncio.run(middleware(http_scope("/upload"), client.receive, client.send))
     [exchange] = recorder.take_all()
     try:
         assert exchange.request_body is not None and exchange.response_body is not None

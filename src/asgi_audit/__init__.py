@@ -8,7 +8,7 @@ from .capture.markers import audited
 from .capture.middleware import AuditMiddleware
 from .capture.policy import Policy, Rule, make_rule
 from .capture.record import Body, Exchange
-from .errors import AuditError, ConfigError, NotSupportedError
+from .errors import AuditError, ConfigError
 from .recording.handoff import MemoryRecorder, Recorder
 
 __version__ = "0.1.0"
@@ -21,7 +21,6 @@ __all__ = [
     "Exchange",
     "Level",
     "MemoryRecorder",
-    "NotSupportedError",
     "Policy",
     "Recorder",
     "Rule",

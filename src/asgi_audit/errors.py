@@ -2,11 +2,17 @@
 
 Two regimes: configuration mistakes fail at once with :class:`ConfigError`, naming the
 parameter, what was expected and what arrived; anything that goes wrong while an exchange
-is being recorded is counted and logged, never raised into the application.
+is being recorded is counted and logged, never raised into the application. The other
+classes are raised to asgi-audit's own callers (the CLI, the shipper, a test), each for
+one kind of failure, so that a caller can tell them apart:
 
     AuditError
-    └── ConfigError (also a ValueError)
-        └── NotSupportedError
+    ├── ConfigError (also a ValueError)  a parameter, variable or URL cannot be used
+    ├── RecorderClosed                   an exchange handed to a recorder that was shut down
+    ├── SpoolError                       the local spool cannot be written or read
+    ├── ShippingStopped                  delivery was asked to stop before a batch was taken
+    └── SinkError                        a sink cannot take or give records right now
+        └── CorruptRecord                bytes a sink holds cannot be decoded
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ class AuditError(Exception):
 
 
 class ConfigError(AuditError, ValueError):
-    """A parameter or environment variable has a value asgi-audit cannot use."""
+    """A parameter, environment variable or URL has a value asgi-audit cannot use."""
 
     def __init__(self, parameter: str, problem: str) -> None:
         self.parameter = parameter
@@ -25,5 +31,25 @@ class ConfigError(AuditError, ValueError):
         super().__init__(f"{parameter}: {problem}")
 
 
-class NotSupportedError(ConfigError):
-    """An option that exists in the documented interface but is not available yet."""
+class RecorderClosed(AuditError):
+    """The recorder was shut down: it refuses exchanges instead of queueing them where
+    nobody writes (the middleware counts them as failures)."""
+
+
+class SpoolError(AuditError):
+    """The spool cannot be used: its directory cannot be made, or another live process
+    writes the same stream."""
+
+
+class ShippingStopped(AuditError):
+    """Shipping was asked to stop (a deadline passed, or a stop was requested) before the
+    sink took the batch; the spool keeps it for the next pass."""
+
+
+class SinkError(AuditError):
+    """The sink could not take or give records right now (the shipper retries later)."""
+
+
+class CorruptRecord(SinkError):
+    """Bytes a sink holds cannot be decoded into a record (damaged, or written by an
+    unknown version); the message says where."""

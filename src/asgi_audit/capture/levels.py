@@ -24,14 +24,6 @@ class Level(enum.IntEnum):
         """The configuration word for this level (``"RequestResponse"``)."""
         return _WORDS[self]
 
-    @property
-    def keeps_request_body(self) -> bool:
-        return self >= Level.REQUEST
-
-    @property
-    def keeps_response_body(self) -> bool:
-        return self is Level.REQUEST_RESPONSE
-
     def __repr__(self) -> str:
         return repr(self.word)
 

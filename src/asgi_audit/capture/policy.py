@@ -221,13 +221,12 @@ _MARKED_RULES = {level: Rule(level=level, marked=True) for level in Level}
 class Policy:
     """An ordered list of rules and the level for exchanges no rule matches."""
 
-    __slots__ = ("_default_rule", "_needs_route", "default", "rules")
+    __slots__ = ("_default_rule", "default", "rules")
 
     def __init__(self, rules: Sequence[Rule], default: Level = Level.NONE) -> None:
         self.rules = tuple(rules)
         self.default = default
         self._default_rule = Rule(level=default)
-        self._needs_route = any(r.marked or r._templates for r in self.rules)
 
     def decide_early(self, method: str, path: str) -> Rule | _Pending:
         """Decide from method and path, or return ``PENDING`` when routing must tell."""
@@ -252,11 +251,6 @@ class Policy:
             if rule.late(method, path, template):
                 return self._final(rule)
         return self._default_rule
-
-    @property
-    def needs_route(self) -> bool:
-        """True when some rule can only be judged after routing."""
-        return self._needs_route
 
     def templates(self) -> set[str]:
         """Every template (with or without parameters) the rules name."""

@@ -236,10 +236,6 @@ class Exchange:
             return None
         return self.started_at_ns + self.response_started_mono_ns - self.started_mono_ns
 
-    @property
-    def ended_at_ns(self) -> int:
-        return self.started_at_ns + self.duration_ns
-
     def discard(self) -> None:
         """Release both bodies (spill files included)."""
         for body in (self.request_body, self.response_body):

@@ -4,6 +4,9 @@ Arguments win over the environment. Every value is validated here, once, at cons
 a mistake fails with a :class:`ConfigError` naming the parameter (or variable), what was
 expected and what arrived. Unknown ``ASGI_AUDIT_*`` variables are errors too, since a typo
 in a deployment manifest would otherwise silently change what is audited.
+
+The sink URL's form is checked by a hook the caller passes (the sinks' registry, reached
+through the durable path), so that this room never imports a sink.
 """
 
 from __future__ import annotations
@@ -11,20 +14,34 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from ..errors import ConfigError
-from ..recording.handoff import Overflow
-from ..recording.redact import DEFAULT_SECRET_HEADERS
-from ..sinks import DEFAULT_SINK_URL, KNOWN_SCHEMES
 from .levels import Level
 from .policy import Policy, Rule, make_rule
 from .tap import OverLimit
 
 Ship = Literal["process", "thread", "off"]
+"""Where the shipper runs: a child process, a thread of the app, or elsewhere (a sidecar)."""
 FsyncPolicy = Literal["always", "batch", "off"]
+"""When the spool writer syncs: every record, every batch window, or never (the kernel)."""
+Overflow = Literal["block", "drop"]
+"""What a full recorder does to the next exchanges: hold their last message, or drop them."""
+
+DEFAULT_SINK_URL = "sqlite:///asgi-audit.db"
+DEFAULT_SECRET_HEADERS = (
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+)
+"""Headers whose values are redacted unless ``redact_headers`` says otherwise."""
+
+SinkCheck = Callable[[object, str], str]
+"""``(url, parameter) -> url``: checks a sink URL's form, raising ConfigError."""
 
 ENV_PREFIX = "ASGI_AUDIT_"
 
@@ -94,8 +111,13 @@ class Settings:
     spool_limit: int | None
 
 
-def load_settings(arguments: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
-    """Merge ``arguments`` (None means "not given") over the environment and validate."""
+def load_settings(
+    arguments: Mapping[str, Any],
+    environ: Mapping[str, str],
+    check_sink: SinkCheck | None = None,
+) -> Settings:
+    """Merge ``arguments`` (None means "not given") over the environment and validate;
+    ``check_sink`` checks the sink URL (without it, only that it is a URL)."""
     merged = _from_environment(environ)
     merged.update({k: v for k, v in arguments.items() if v is not None})
     rules = merged.pop("rules", None)
@@ -112,7 +134,9 @@ def load_settings(arguments: Mapping[str, Any], environ: Mapping[str, str]) -> S
         ),
         spill_dir=_directory(merged.get("spill_dir")),
         service=_service(merged.get("service", "asgi")),
-        sink=check_sink_url(merged.get("sink", DEFAULT_SINK_URL), _name("sink", arguments)),
+        sink=(check_sink or _is_url)(
+            merged.get("sink", DEFAULT_SINK_URL), _name("sink", arguments)
+        ),
         spool=os.fspath(merged.get("spool", DEFAULT_SPOOL)),
         ship=cast(
             Ship, _choice(merged.get("ship", "process"), "ship", ("process", "thread", "off"))
@@ -130,32 +154,9 @@ def _name(key: str, arguments: Mapping[str, Any]) -> str:
     return key if arguments.get(key) is not None else ENV_PREFIX + _ENV_KEYS[key]
 
 
-def check_sink_url(value: Any, parameter: str) -> str:
-    """Check the URL's form here; the store itself is opened by the shipper."""
+def _is_url(value: object, parameter: str) -> str:
     if not isinstance(value, str) or "://" not in value:
         raise ConfigError(parameter, f"expected a URL such as {DEFAULT_SINK_URL!r} (got {value!r})")
-    scheme = value.split("://", 1)[0].lower()
-    if scheme not in (*KNOWN_SCHEMES, "postgres"):
-        known = ", ".join(f"{s}://" for s in KNOWN_SCHEMES)
-        raise ConfigError(parameter, f"unknown kind of store {scheme!r}; known: {known}")
-    if scheme == "s3":
-        # The URL's form and boto3's presence are checked at start-up, without importing
-        # boto3 into the app or touching the network; the shipper checks the bucket.
-        from ..sinks.s3 import check_url
-
-        try:
-            check_url(value)
-        except ConfigError as exc:
-            raise ConfigError(parameter, exc.problem) from None
-    if scheme in ("postgresql", "postgres"):
-        # The table name and the driver are checked here, in the app, at start-up: the
-        # shipper child would only log them. Nothing connects until the first batch.
-        from ..sinks import open_sink
-
-        try:
-            open_sink(value).close()
-        except ConfigError as exc:
-            raise ConfigError(parameter, exc.problem) from None
     return value
 
 

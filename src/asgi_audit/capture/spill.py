@@ -16,6 +16,8 @@ import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from .._forks import after_fork
+
 _IOV_MAX = 512
 
 _lock = threading.Lock()
@@ -38,7 +40,7 @@ def _forget_after_fork() -> None:
     _lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+after_fork(_forget_after_fork)
 
 
 class SpillJob:

@@ -1,5 +1,10 @@
-"""The ``asgi-audit`` command."""
+"""The cli room: the ``asgi-audit`` command, its exports and the demo.
 
+May import every other room; nothing imports it (the shipper child runs it as a command).
+"""
+
+from . import browse, operate
 from .main import main
 
 __all__ = ["main"]
+del browse, operate  # imported for the commands they register on ``main``

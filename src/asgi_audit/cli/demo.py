@@ -109,7 +109,7 @@ def _free_port() -> int:
 
 
 def run_demo(echo: Callable[[str], None] = print, sink: str | None = None) -> list[StoredRecord]:
-    """Serve, exercise, stop gracefully, then read back and print what the store holds."""
+    """Serve, exercise, stop gracefully, then read back and print what the sink holds."""
     sink = sink or DEFAULT_SINK_URL
     started = time.time_ns()
     with tempfile.TemporaryDirectory(prefix="asgi-audit-demo-") as spool:
@@ -132,7 +132,7 @@ def run_demo(echo: Callable[[str], None] = print, sink: str | None = None) -> li
         base = f"http://127.0.0.1:{port}"
         echo(
             f"demo shop on {base}: uvicorn with AuditMiddleware on /orders/{{order_id}}, "
-            f"/upload and the @audited export; store {sink}"
+            f"/upload and the @audited export; sink {sink}"
         )
         order = sample_order()
         try:
@@ -140,10 +140,10 @@ def run_demo(echo: Callable[[str], None] = print, sink: str | None = None) -> li
         finally:
             server.should_exit = True  # what SIGTERM does: lifespan shutdown drains the spool
             thread.join(timeout=60)
-    with closing(open_sink(sink)) as store:
-        records = list(store.search(Query(since_ns=started, newest_first=False, limit=None)))
+    with closing(open_sink(sink)) as opened:
+        records = list(opened.search(Query(since_ns=started, newest_first=False, limit=None)))
         records = [r for r in records if r.service == "demo-shop"]
-        full = [store.get(r.id) for r in records]
+        full = [opened.get(r.id) for r in records]
     shown = [r for r in full if r is not None]
     echo("")
     echo(f"recorded {len(shown)} exchanges in {sink} (GET /health is excluded):")

@@ -26,8 +26,10 @@ def iso(ns: int | None) -> str | None:
     return datetime.fromtimestamp(ns / 1e9, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
-def record_json(record: StoredRecord, *, bodies: bool = False) -> dict[str, Any]:
-    """The JSON Lines object for one record."""
+def public_dict(record: StoredRecord, *, bodies: bool = False) -> dict[str, Any]:
+    """A record as the public, documented JSON object (JSON Lines export; the viewer and
+    other exports build on it). Sinks keep :meth:`StoredRecord.metadata` instead, whose
+    shape is theirs to version."""
     out: dict[str, Any] = {
         "id": record.id,
         "stream": record.stream,
@@ -64,13 +66,13 @@ def record_json(record: StoredRecord, *, bodies: bool = False) -> dict[str, Any]
         out[f"{side}_body_truncated"] = body.truncated if body is not None else False
         out[f"{side}_body_complete"] = body.complete if body is not None else None
         if bodies:
-            text, encoding = encode_body(body)
+            text, encoding = body_text(body)
             out[f"{side}_body"] = text
             out[f"{side}_body_encoding"] = encoding
     return out
 
 
-def encode_body(body: StoredBody | None) -> tuple[str | None, str | None]:
+def body_text(body: StoredBody | None) -> tuple[str | None, str | None]:
     """A body as JSON text: UTF-8 when it decodes, else base64; (None, None) when not kept."""
     if body is None or body.data is None:
         return None, None
@@ -81,4 +83,4 @@ def encode_body(body: StoredBody | None) -> tuple[str | None, str | None]:
 
 
 def jsonl_line(record: StoredRecord, *, bodies: bool = False) -> bytes:
-    return orjson.dumps(record_json(record, bodies=bodies)) + b"\n"
+    return orjson.dumps(public_dict(record, bodies=bodies)) + b"\n"

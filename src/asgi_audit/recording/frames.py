@@ -39,10 +39,6 @@ PACKED = "spool_packed"
 "response"); absent when both are as captured."""
 
 
-class CorruptFrame(Exception):
-    """A complete frame whose magic or checksum is wrong."""
-
-
 @dataclass(slots=True)
 class SpooledRecord:
     """One record read back from the spool: metadata and the stored body bytes."""
@@ -151,7 +147,7 @@ def _read_exactly(handle: Any, length: int) -> bytes | None:
 
 def decode_payload(payload: bytes, unpack: bool = True) -> Iterator[SpooledRecord]:
     """The records of one verified frame; with ``unpack`` False, packed bodies are given
-    packed only (for a store that keeps them so)."""
+    packed only (for a sink that keeps them so)."""
     view = memoryview(payload)
     position = 0
     while position < len(view):

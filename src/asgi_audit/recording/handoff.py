@@ -6,6 +6,15 @@ return at once. When it answers False (full), the middleware applies the overflo
 :meth:`Recorder.room` (suspending only that exchange's coroutine, never the event loop)
 and tries again. Any exception a recorder raises is caught, counted and logged by the
 middleware: a failing recorder never turns a good response into an error.
+
+At lifespan shutdown (or from a test) the middleware calls :meth:`Recorder.shutdown`,
+off the event loop, with what is left of its ``shutdown_timeout``: a recorder passed in
+by the user is drained like the durable one. Every wait here takes a ``timeout`` in
+seconds (None: no limit) and says with its result whether it finished in time, as
+OpenTelemetry's ``BatchProcessor`` does.
+
+This module is the documented hand-off between the capture room and the recording room:
+the middleware imports it, and nothing else of this room.
 """
 
 from __future__ import annotations
@@ -14,11 +23,9 @@ import asyncio
 import contextlib
 import threading
 from collections import deque
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from ..capture.record import Exchange
-
-Overflow = Literal["block", "drop"]
 
 
 @runtime_checkable
@@ -32,6 +39,15 @@ class Recorder(Protocol):
 
     async def room(self) -> None:
         """Return once ``try_submit`` may succeed again."""
+        ...
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted so far is kept; False if ``timeout`` passed."""
+        ...
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Keep what was submitted, release threads and files; False if ``timeout`` passed
+        first. Called off the event loop; later submissions may be refused."""
         ...
 
 
@@ -69,7 +85,9 @@ class MemoryRecorder:
     """Keeps exchanges in a bounded in-process queue, for tests and examples.
 
     Bounded by count and by stored body bytes. Consumers call :meth:`take` or
-    :meth:`take_all` (from any thread); each frees room for blocked producers.
+    :meth:`take_all` (from any thread); each frees room for blocked producers. It runs
+    nothing in the background, so flushing and shutting down have nothing to wait for:
+    what it holds stays there for ``take`` after a shutdown, and it keeps accepting.
     """
 
     def __init__(self, max_records: int = 1000, max_bytes: int = 256 << 20) -> None:
@@ -110,6 +128,14 @@ class MemoryRecorder:
                 return
             waiter = self._room.register(loop)
         await waiter
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Everything submitted is in the queue already."""
+        return True
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Nothing to stop (see the class docstring)."""
+        return True
 
     def take(self, timeout: float | None = None) -> Exchange | None:
         """Remove and return the oldest exchange, waiting up to ``timeout`` seconds."""

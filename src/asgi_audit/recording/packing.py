@@ -1,26 +1,25 @@
 """How bodies are kept: zstd-compressed when that pays, always given back exactly.
 
 Audited bodies are mostly JSON, which zstd at level 1 shrinks about ninefold for about
-1.3 ms per MB; a store that writes a ninth of the bytes keeps up with far more exchanges
+1.3 ms per MB; a sink that writes a ninth of the bytes keeps up with far more exchanges
 (SQLite wrote ~68 MB/s of raw 1 MB bodies here). Bodies that do not shrink by a tenth
 (already compressed, random) are kept as they are. The encoding is stored beside the
 bytes, and the reader decompresses: what comes back is exactly what was captured.
 
 The spool writer packs bodies once (and hashes them: both run without the GIL), before
-they are copied, checksummed, written, synced and read back; the stores keep that same
-packed form, so a body is compressed once on its way from the app to the store and is
-not unpacked on the way (:func:`encode_body`).
+they are copied, checksummed, written, synced and read back; the sinks keep that same
+packed form, so a body is compressed once on its way from the app to the sink and is
+not unpacked on the way (:func:`asgi_audit.sinks.record.kept_bytes`).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import zstandard
 
-if TYPE_CHECKING:
-    from ..sinks.record import StoredBody
+from ..errors import CorruptRecord
 
 Encoding = Literal["identity", "zstd"]
 
@@ -72,19 +71,14 @@ def packed_size(packed: bytes) -> int:
     return int(zstandard.frame_content_size(packed))
 
 
-def encode_body(body: StoredBody | None) -> tuple[bytes | None, Encoding]:
-    """What a store keeps of ``body``: its packed form when the spool made one."""
-    if body is None:
-        return None, "identity"
-    if body.packed is not None:
-        return body.packed, "zstd"
-    return encode(body.data)
-
-
 def decode(stored: bytes | None, encoding: str | None) -> bytes | None:
-    """The captured bytes back from what a store kept."""
+    """The captured bytes back from what a sink kept; :class:`CorruptRecord` when they
+    cannot be (damaged bytes, or an encoding this version does not know)."""
     if stored is None or encoding in (None, "identity"):
         return stored
-    if encoding == "zstd":
+    if encoding != "zstd":
+        raise CorruptRecord(f"unknown body encoding {encoding!r}")
+    try:
         return _decompressor().decompress(stored)
-    raise ValueError(f"unknown body encoding {encoding!r}")
+    except zstandard.ZstdError as exc:
+        raise CorruptRecord(f"a zstd body cannot be unpacked ({exc})") from exc

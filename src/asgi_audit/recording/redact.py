@@ -1,6 +1,6 @@
 """Redaction: secrets are replaced before anything is written to the spool.
 
-Redaction is a pipeline of small steps, each ``(draft) -> draft`` over the record's
+Redaction is a pipeline of small steps, each ``(meta) -> meta`` over the record's
 metadata dictionary, run by the recorder thread in order (structlog's processors are the
 model). Header redaction is the first step; body redaction (JSON fields, patterns) will be
 further steps in the same pipeline, so that the spool never holds a secret in clear.
@@ -13,16 +13,9 @@ from typing import Any
 
 MARKER = "[REDACTED]"
 
-DEFAULT_SECRET_HEADERS = (
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "set-cookie",
-    "x-api-key",
-)
-
-Draft = dict[str, Any]
-Step = Callable[[Draft], Draft]
+Metadata = dict[str, Any]
+"""A record's metadata as the spool will hold it (see ``writer.exchange_metadata``)."""
+Step = Callable[[Metadata], Metadata]
 """One redaction step: takes the record's metadata and returns it with secrets replaced."""
 
 
@@ -30,12 +23,12 @@ def header_redactor(names: Iterable[str], marker: str = MARKER) -> Step:
     """A step that replaces the values of the named headers (any case) with ``marker``."""
     secret = frozenset(name.lower() for name in names)
 
-    def redact(draft: Draft) -> Draft:
+    def redact(meta: Metadata) -> Metadata:
         if not secret:
-            return draft
+            return meta
         found: set[str] = set()
         for field in ("request_headers", "response_headers", "response_trailers"):
-            headers = draft.get(field)
+            headers = meta.get(field)
             if not headers:
                 continue
             replaced = []
@@ -44,16 +37,16 @@ def header_redactor(names: Iterable[str], marker: str = MARKER) -> Step:
                     found.add(name.lower())
                     value = marker
                 replaced.append((name, value))
-            draft[field] = replaced
+            meta[field] = replaced
         if found:
-            draft["redacted_headers"] = sorted(found)
-        return draft
+            meta["redacted_headers"] = sorted(found)
+        return meta
 
     return redact
 
 
-def run_pipeline(steps: Iterable[Step], draft: Draft) -> Draft:
+def run_pipeline(steps: Iterable[Step], meta: Metadata) -> Metadata:
     """Apply every step in order."""
     for step in steps:
-        draft = step(draft)
-    return draft
+        meta = step(meta)
+    return meta

@@ -1,4 +1,4 @@
-"""The spool: a crash-safe local write-ahead store, one directory per stream.
+"""The spool: a crash-safe local write-ahead log, one directory per stream.
 
     <spool>/shipper.lock                 held by the one process shipping this spool
     <spool>/streams/<stream>/writer.lock held by the live writer of that stream
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+
+from ..errors import SpoolError
 
 logger = logging.getLogger("asgi_audit.spool")
 
@@ -88,7 +90,7 @@ class SegmentWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         lock = try_lock(self.directory / "writer.lock")
         if lock is None:
-            raise RuntimeError(f"spool stream {self.directory} is already being written")
+            raise SpoolError(f"spool stream {self.directory} is already being written")
         self._lock_fd = lock
         fsync_directory(self.directory.parent)
         # A reused stream name (a restarted process) may have left segments, maybe with a
@@ -159,6 +161,15 @@ class SegmentWriter:
         """Make everything appended so far durable."""
         if self._fd >= 0:
             os.fdatasync(self._fd)
+
+    def forget(self) -> None:
+        """In a forked child: close the inherited descriptors without syncing or
+        unlocking (``flock`` is shared with the parent, which still writes the stream)."""
+        for fd in (self._fd, self._lock_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fd = self._lock_fd = -1
 
     def close(self) -> None:
         """Sync, close the segment and release the writer lock (the stream is then

@@ -12,14 +12,21 @@ one write; then syncs according to ``fsync``:
   a SIGKILL loses at most what was still queued, a power loss at most one window;
 * ``off``: written, never synced (the kernel decides).
 
-The thread starts with the first record of each process (after a fork too), and never
-raises into the app: a failing write is retried, counted and logged.
+Lifecycle, after OpenTelemetry's ``BatchProcessor``: constructing it starts nothing;
+:meth:`start` (at lifespan startup, or by the first :meth:`try_submit` of a process)
+starts the thread and does nothing else, since it runs on the event loop. Everything that
+touches the disk happens on the writer thread: the stream's directory, its lock and its
+first segment are made when the first batch is written, so an app that never audits an
+exchange leaves no trace in the spool. :meth:`flush` and :meth:`shutdown` take a timeout
+in seconds. A forked child starts afresh (``_forks``). The thread never raises into the
+app: a failing write is retried, counted and logged; a stream that cannot be opened loses
+the batch (counted in ``lost``) and refuses exchanges for ``retry_seconds`` before trying
+again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import hashlib
 import logging
@@ -35,24 +42,33 @@ from typing import Any
 
 import orjson
 
+from .._forks import after_fork
 from ..capture.record import Body, Exchange
-from ..capture.settings import FsyncPolicy
+from ..capture.settings import DEFAULT_SECRET_HEADERS, FsyncPolicy, Overflow
+from ..errors import RecorderClosed, SpoolError
 from . import packing
 from .frames import PACKED, RECORD_HEADER, encode_frame, frame_header, record_header
-from .handoff import Overflow, RoomSignal, memory_weight
-from .redact import DEFAULT_SECRET_HEADERS, Step, header_redactor, run_pipeline
+from .handoff import RoomSignal, memory_weight
+from .redact import Step, header_redactor, run_pipeline
 from .spool import SegmentWriter, spool_bytes
 
 logger = logging.getLogger("asgi_audit.recorder")
 
 MAX_FRAME_BYTES = 16 << 20
 
-Draft = tuple[bytes, list[bytes], list[bytes]]
+FramedRecord = tuple[bytes, list[bytes], list[bytes]]
 """One record ready for a frame: encoded metadata, request chunks, response chunks."""
+
+Hook = Callable[[], None]
+"""Called on the writer thread (see ``on_start``, ``on_open``, ``on_tick``)."""
 
 
 class SpoolRecorder:
-    """Bounded queue, writer thread, spool segments: the durable ``Recorder``."""
+    """Bounded queue, writer thread, spool segments: the durable ``Recorder``.
+
+    ``on_start`` runs on the writer thread when it starts, ``on_open`` once the stream is
+    open (its first batch), ``on_tick`` every ``tick_seconds``: the durable path starts and
+    watches the shipper from there, never from the event loop."""
 
     def __init__(
         self,
@@ -71,9 +87,11 @@ class SpoolRecorder:
         disk_cap: int | None = None,
         overflow: Overflow = "block",
         redact_headers: Iterable[str] = DEFAULT_SECRET_HEADERS,
-        on_start: Callable[[], None] | None = None,
-        on_tick: Callable[[], None] | None = None,
+        on_start: Hook | None = None,
+        on_open: Hook | None = None,
+        on_tick: Hook | None = None,
         tick_seconds: float = 5.0,
+        retry_seconds: float = 1.0,
     ) -> None:
         self.root = Path(spool)
         self.service = service
@@ -90,42 +108,60 @@ class SpoolRecorder:
         self.overflow = overflow
         self.pipeline: list[Step] = [header_redactor(redact_headers)]
         self._on_start = on_start
+        self._on_open = on_open
         self._on_tick = on_tick
         self.tick_seconds = tick_seconds
+        self.retry_seconds = retry_seconds
         self.written = 0
         self.dropped = 0
         self.errors = 0
+        self.lost = 0
+        """Exchanges taken from the queue but not written: the stream could not be opened."""
+        self._writer: SegmentWriter | None = None
+        self._hasher: ThreadPoolExecutor | None = None
+        self._starting = threading.Lock()
+        self._reset()
+        after_fork(self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._starting = threading.Lock()  # the parent may have held it while forking
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.forget()  # inherited descriptors: closed here, the parent keeps its lock
         self._reset()
 
     def _reset(self) -> None:
-        self._pid = 0
+        """A fresh, idle recorder (at construction, and in a forked child: the parent's
+        queue, thread and stream stay the parent's)."""
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: deque[tuple[Exchange, int]] = deque()
         self._bytes = 0
         self._refused = False
         self._closing = False
+        self._closed = False
+        self._refuse_until = 0.0
         self._flush_asked = 0
         self._flushed = 0
         self._submitted = 0
         self._thread: threading.Thread | None = None
         self._room = RoomSignal()
-        self._writer: SegmentWriter | None = None
-        self._hasher: ThreadPoolExecutor | None = None
         self._seq = 0
         self.stream = ""
 
     # -- the request path ------------------------------------------------------------
 
     def try_submit(self, exchange: Exchange, *, force: bool = False) -> bool:
-        if self._pid != os.getpid():
-            self._start()
+        if self._thread is None and not self._closed:
+            self.start()
         weight = memory_weight(exchange)
         with self._lock:
-            if self._closing:
+            if self._closing or self._closed:
                 # Refused outright, not "full": nothing will make room again (an
                 # overflow="block" caller would wait for room forever).
-                raise RuntimeError("asgi-audit: the spool recorder is closed")
+                raise RecorderClosed("the spool recorder is shut down")
+            if self._refuse_until and time.monotonic() < self._refuse_until:
+                raise SpoolError(f"spool stream {self.stream} cannot be opened (see the log)")
             queued = len(self._queue)
             if (
                 not force
@@ -155,40 +191,28 @@ class SpoolRecorder:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def _start(self) -> None:
-        """Start (or, in a forked child, restart) the writer for this process."""
-        with contextlib.suppress(Exception):
-            if self._thread is not None and self._pid == os.getpid():
+    def start(self) -> None:
+        """Start the writer thread, and nothing else (this runs on the event loop). A
+        recorder that was shut down starts again with an empty queue."""
+        with self._starting:
+            if self._thread is not None and not self._closed:
                 return
-        self._reset()
-        pid = os.getpid()
-        # The start time keeps a reused pid (PID 1 in every container restart) from
-        # naming the stream of an earlier process, which the shipper may be adopting.
-        self.stream = (
-            self._stream_of() if self._stream_of else f"{self.service}.{pid}.{time.time_ns()}"
-        )
-        writer = SegmentWriter(
-            self.root, self.stream, segment_bytes=self.segment_bytes, segment_age=self.segment_age
-        )
-        try:
-            writer.open()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                writer.close()
-            raise  # _pid stays unset: the next exchange tries again instead of queueing
-        self._writer = writer
-        self._pid = pid
-        self._thread = threading.Thread(target=self._run, name="asgi-audit-recorder", daemon=True)
-        self._thread.start()
-        atexit.register(self.close)
-        if self._on_start is not None:
-            try:
-                self._on_start()
-            except Exception:
-                logger.warning("asgi-audit: could not start the shipper", exc_info=True)
+            if self._closed:
+                self._reset()
+            # The start time keeps a reused pid (PID 1 in every container restart) from
+            # naming the stream of an earlier process, which the shipper may be adopting.
+            self.stream = (
+                self._stream_of()
+                if self._stream_of
+                else f"{self.service}.{os.getpid()}.{time.time_ns()}"
+            )
+            thread = threading.Thread(target=self._run, name="asgi-audit-recorder", daemon=True)
+            self._thread = thread
+            thread.start()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything submitted so far is written (and synced unless ``off``)."""
+        """Wait until everything submitted so far is written (and synced unless ``off``),
+        or given up (``lost``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             if self._thread is None:
@@ -203,20 +227,20 @@ class SpoolRecorder:
                 self._wake.wait(remaining)
         return True
 
-    def close(self, timeout: float | None = 10.0) -> bool:
-        """Drain the queue into the spool, stop the thread, release the stream."""
-        if self._pid != os.getpid():
-            return True
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Drain the queue into the spool, stop the thread, release the stream; False when
+        ``timeout`` passed first (the thread then finishes on its own)."""
         with self._lock:
             thread = self._thread
             self._closing = True
             self._wake.notify_all()
         if thread is None:
+            self._closed = True
             return True
         thread.join(timeout)
         drained = not thread.is_alive()
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.close)
+        if drained:
+            self._closed = True
         return drained
 
     @property
@@ -226,8 +250,7 @@ class SpoolRecorder:
     # -- the writer thread ---------------------------------------------------------------
 
     def _run(self) -> None:
-        writer = self._writer
-        assert writer is not None
+        self._hook(self._on_start, "start")
         last_sync = last_tick = time.monotonic()
         unsynced = False
         written = 0  # records written since the last sync: acknowledged once synced
@@ -243,19 +266,24 @@ class SpoolRecorder:
                     closing = self._closing and not self._queue
                 if batch:
                     count = len(batch)  # _write may drop (clear) the batch: still taken
-                    try:
-                        self._write(writer, batch)
-                    except Exception:  # never let one batch stop the writer for good
-                        self.errors += 1
-                        logger.warning("asgi-audit: could not write a batch", exc_info=True)
-                        for exchange in batch:
-                            with contextlib.suppress(Exception):
-                                exchange.discard()
-                    unsynced = True
-                    written += count
+                    writer = self._writer or self._open()
+                    if writer is None:
+                        self._lose(batch)
+                        self._acknowledge(count)
+                    else:
+                        try:
+                            self._write(writer, batch)
+                        except Exception:  # never let one batch stop the writer for good
+                            self.errors += 1
+                            logger.warning("asgi-audit: could not write a batch", exc_info=True)
+                            self._discard(batch)
+                        unsynced = True
+                        written += count
                 now = time.monotonic()
+                writer = self._writer
                 if (
-                    unsynced
+                    writer is not None
+                    and unsynced
                     and (
                         self.fsync == "always"
                         or closing
@@ -271,25 +299,69 @@ class SpoolRecorder:
                     written = 0
                 if self._on_tick is not None and now - last_tick >= self.tick_seconds:
                     last_tick = now
-                    self._tick()
+                    self._hook(self._on_tick, "periodic check")
                 if closing:
                     break
         finally:
             hasher.shutdown(wait=True)
-            with contextlib.suppress(Exception):
-                writer.close()
+            writer = self._writer
+            self._writer = None
+            if writer is not None:
+                with contextlib.suppress(Exception):
+                    writer.close()
             with self._lock:
                 self._thread = None
+                self._closed = self._closing
                 self._flushed = self._submitted
                 self._wake.notify_all()
 
-    def _tick(self) -> None:
-        assert self._on_tick is not None
+    def _open(self) -> SegmentWriter | None:
+        """Open this process's stream (directory, writer lock, first segment), on the
+        writer thread; None when that fails, after saying why once per reason."""
+        writer = SegmentWriter(
+            self.root, self.stream, segment_bytes=self.segment_bytes, segment_age=self.segment_age
+        )
         try:
-            self._on_tick()
+            writer.open()
+        except (OSError, SpoolError) as exc:
+            with contextlib.suppress(Exception):
+                writer.close()
+            self.errors += 1
+            with self._lock:
+                first = not self._refuse_until
+                self._refuse_until = time.monotonic() + self.retry_seconds
+            (logger.warning if first else logger.debug)(
+                "asgi-audit: cannot open spool stream %s (%s); exchanges are being lost",
+                writer.directory,
+                exc,
+            )
+            return None
+        with self._lock:
+            if self._refuse_until:
+                logger.warning("asgi-audit: spool stream %s is open again", writer.directory)
+            self._refuse_until = 0.0
+        self._writer = writer
+        self._hook(self._on_open, "open")
+        return writer
+
+    def _lose(self, batch: list[Exchange]) -> None:
+        self.lost += len(batch)
+        self._discard(batch)
+
+    @staticmethod
+    def _discard(batch: list[Exchange]) -> None:
+        for exchange in batch:
+            with contextlib.suppress(Exception):
+                exchange.discard()
+
+    def _hook(self, hook: Hook | None, what: str) -> None:
+        if hook is None:
+            return
+        try:
+            hook()
         except Exception:
             self.errors += 1
-            logger.warning("asgi-audit: periodic check failed", exc_info=True)
+            logger.warning("asgi-audit: %s hook of the spool writer failed", what, exc_info=True)
 
     def _take(self) -> list[Exchange]:
         taken: list[Exchange] = []
@@ -312,7 +384,7 @@ class SpoolRecorder:
 
     def _write(self, writer: SegmentWriter, batch: list[Exchange]) -> None:
         self._respect_disk_cap(batch)
-        records: list[Draft] = []
+        records: list[FramedRecord] = []
         size = 0
         for exchange in batch:
             request, response = _kept(exchange.request_body), _kept(exchange.response_body)
@@ -349,7 +421,7 @@ class SpoolRecorder:
         for exchange in batch:
             exchange.discard()
 
-    def _append(self, writer: SegmentWriter, records: list[Draft]) -> None:
+    def _append(self, writer: SegmentWriter, records: list[FramedRecord]) -> None:
         header, payload = encode_frame(records)
         self._retrying(lambda: writer.append(header, payload))
         self.written += len(records)

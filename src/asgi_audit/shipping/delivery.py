@@ -1,12 +1,20 @@
-"""The durable path behind the middleware: spool recorder plus shipper, and their shutdown.
+"""The durable path behind the middleware: the spool writer and the shipper it feeds.
 
-Built from the settings when no ``recorder=`` is given. Nothing starts at construction:
-the writer thread (and with it the shipper child process or thread) starts with the first
-audited exchange of each process. On ASGI ``lifespan.shutdown`` (what uvicorn does on
-SIGTERM) the middleware calls :meth:`Delivery.shutdown`: the queue is drained into the
-spool, then the shipper gets what is left of ``shutdown_timeout`` to deliver; whatever it
-cannot deliver stays in the spool for the next process. An ``atexit`` hook does the same
-for apps that run without lifespan.
+Built from the settings when no ``recorder=`` is given, and a :class:`Recorder` itself, so
+the middleware treats it like any other. It starts and stops the two in order:
+
+* constructing it starts nothing;
+* :meth:`Delivery.start` (at lifespan startup, or the first audited exchange) starts the
+  writer thread, and that is all it does on the event loop; the writer thread then starts
+  the shipper: at once when the spool holds streams of earlier processes (a restart after
+  a crash), else once its own stream is open, and it restarts a child shipper that has
+  gone (``on_tick``);
+* :meth:`Delivery.shutdown` drains the queue into the spool, then gives the shipper what
+  is left of the time to deliver; what it cannot deliver stays in the spool for the next
+  process. An ``atexit`` hook does the same for apps that run without lifespan.
+
+This module is how the capture room reaches the durable path (the middleware imports it
+when no recorder is given); it is the only place that knows all the rooms below it.
 """
 
 from __future__ import annotations
@@ -14,25 +22,30 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .._forks import after_fork
+from ..capture.record import Exchange
 from ..capture.settings import Settings
 from ..recording.spool import streams
 from ..recording.writer import SpoolRecorder
-from .shipper import ShipperProcess, ShipperThread
+from ..sinks import check_sink_url
+from .runners import ShipperProcess, ShipperThread
 
 logger = logging.getLogger("asgi_audit")
 
+__all__ = ["Delivery", "check_sink_url"]
+
 
 class Delivery:
-    """Owns the spool recorder and the shipper of one middleware."""
+    """The durable :class:`Recorder`: a :class:`SpoolRecorder` and its shipper."""
 
     def __init__(self, settings: Settings, stream: Callable[[], str]) -> None:
         self.settings = settings
-        self.recorder = SpoolRecorder(
+        self.spool_recorder = SpoolRecorder(
             settings.spool,
             service=settings.service,
             stream=stream,
@@ -40,71 +53,47 @@ class Delivery:
             overflow=settings.overflow,
             redact_headers=settings.redact_headers,
             disk_cap=settings.spool_limit,
-            on_start=self._start_shipper,
+            on_start=self._start_shipper_for_leftovers,
+            on_open=self._start_shipper,
             on_tick=self._keep_shipper,
         )
+        self._shipping = threading.Lock()
         self._process: ShipperProcess | None = None
         self._thread: ShipperThread | None = None
-        self._pid = 0
+        self._started = False
+        after_fork(self._forget_parent)
 
-    def adopt_leftovers(self) -> None:
-        """At start-up: when the spool holds streams of earlier processes (a restart after
-        a crash), start shipping now rather than at the first audited exchange."""
-        if self._pid != os.getpid() and any(streams(Path(self.settings.spool))):
-            self._start_shipper()
+    # -- Recorder ------------------------------------------------------------------------
 
-    def _start_shipper(self) -> None:
-        if self._pid == os.getpid():
-            return
-        self._pid = os.getpid()
-        mode = self.settings.ship
-        if mode == "process":
-            self._process = ShipperProcess(self.settings.spool, self.settings.sink)
-            self._process.start()
-        elif mode == "thread":
-            from ..sinks import open_sink
+    def try_submit(self, exchange: Exchange, *, force: bool = False) -> bool:
+        if not self._started:  # no lifespan: the first audited exchange starts the writer
+            self.start()
+        return self.spool_recorder.try_submit(exchange, force=force)
 
-            self._thread = ShipperThread(self.settings.spool, open_sink(self.settings.sink))
-            self._thread.start()
-        atexit.register(self.shutdown_now)
+    async def room(self) -> None:
+        await self.spool_recorder.room()
 
-    def _keep_shipper(self) -> None:
-        """From the writer thread, every few seconds: when this process's child shipper has
-        ended (it found another shipper's lock, and that shipper's process has since
-        died) and nobody holds the spool's lock, start a new child."""
-        process = self._process
-        if process is None or self._pid != os.getpid():
-            return
-        if process.process is not None:
-            if process.process.poll() is None:
-                return
-            if process.process.stdin is not None:
-                process.process.stdin.close()
-            process.process.wait()
-            process.process = None
-        process.start()
+    def flush(self, timeout: float | None = None) -> bool:
+        return self.spool_recorder.flush(timeout)
 
-    def shutdown_now(self, timeout: float | None = None) -> bool:
-        """Drain the queue into the spool, then give the shipper the rest of the time."""
-        if self._pid != os.getpid():
-            return True
-        self._pid = 0
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.shutdown_now)
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Drain the queue into the spool, then give the shipper the rest of ``timeout``
+        (``shutdown_timeout`` when None)."""
         budget = self.settings.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
-        drained = self.recorder.close(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.shutdown)
+        drained = self.spool_recorder.shutdown(_remaining(deadline))
         if not drained:
             logger.warning("asgi-audit: the queue was not fully written to the spool in time")
         shipped = True
-        if self._process is not None:
-            shipped = self._process.stop(deadline)
-            self._process = None
-        if self._thread is not None:
-            shipped = self._thread.stop(deadline)
-            with contextlib.suppress(Exception):
-                self._thread.shipper.sink.close()
-            self._thread = None
+        with self._shipping:
+            process, self._process = self._process, None
+            thread, self._thread = self._thread, None
+        if process is not None:
+            shipped = process.stop(_remaining(deadline))
+        if thread is not None:
+            shipped = thread.stop(_remaining(deadline))
         if not shipped:
             logger.warning(
                 "asgi-audit: not everything was delivered before shutdown; the rest stays "
@@ -112,3 +101,54 @@ class Delivery:
                 self.settings.spool,
             )
         return drained and shipped
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the writer thread (nothing else happens on the caller's thread); after a
+        shutdown, start again. Exchanges handed over after a shutdown and before a new
+        start are refused (:class:`RecorderClosed`)."""
+        self._started = True
+        atexit.register(self.shutdown)
+        self.spool_recorder.start()
+
+    def _forget_parent(self) -> None:
+        self._shipping = threading.Lock()
+        if self._process is not None:
+            self._process.forget()
+        self._process = self._thread = None
+        self._started = False
+
+    # -- on the writer thread --------------------------------------------------------------
+
+    def _start_shipper_for_leftovers(self) -> None:
+        """When the spool holds streams of earlier processes, ship them now rather than
+        after this process's first audited exchange."""
+        if any(streams(Path(self.settings.spool))):
+            self._start_shipper()
+
+    def _start_shipper(self) -> None:
+        with self._shipping:
+            if self._process is not None or self._thread is not None:
+                return
+            mode = self.settings.ship
+            if mode == "process":
+                self._process = ShipperProcess(self.settings.spool, self.settings.sink)
+                self._process.start()
+            elif mode == "thread":
+                self._thread = ShipperThread(self.settings.spool, self.settings.sink)
+                self._thread.start()
+
+    def _keep_shipper(self) -> None:
+        """Every few seconds: when this process's child shipper has ended (it found another
+        shipper's lock, and that shipper's process has since died) and nobody holds the
+        spool's lock, start a new child."""
+        with self._shipping:
+            process = self._process
+            if process is None or process.running():
+                return
+            process.start()
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())

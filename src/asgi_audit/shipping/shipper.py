@@ -1,28 +1,20 @@
 """Shipper: from the spool to the sink, at least once.
 
 It reads every stream's frames past its durable checkpoint, does the per-body CPU work
-the store needs (SHA-256 where the tap did not compute it), hands batches to the sink,
+the sink needs (SHA-256 where the tap did not compute it), hands batches to the sink,
 retries with exponential backoff and jitter while the sink is down, and moves the
 checkpoint only after the sink has committed. Delivered segments are deleted; a dead
 process's stream is adopted (torn tail cut off and reported), shipped, then removed.
 
-It runs where it does not share the app's GIL: by default as a child process the
-middleware starts (one per spool directory: the ``shipper.lock`` decides which), or as
-``asgi-audit ship --spool DIR --sink URL`` in a sidecar container sharing the spool
-volume; a thread mode stays for tests and small apps.
+Where it runs (a child process, a sidecar, a thread) is :mod:`.runners`' business.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
 import logging
 import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ShippingStopped
 from ..recording import packing
 from ..recording.frames import Frame, SpooledRecord, Tail, decode_payload, read_frames
 from ..recording.spool import Checkpoint, StreamDirectory, streams, try_lock, unlock
-from ..sinks import Store, open_sink
-from ..sinks.protocols import Sink
+from ..sinks import BatchWriter
 from ..sinks.record import StoredRecord
 
 logger = logging.getLogger("asgi_audit.shipper")
@@ -42,10 +34,6 @@ logger = logging.getLogger("asgi_audit.shipper")
 
 EMPTY_STREAM_GRACE = 60.0
 """Seconds a stream directory without segments is left alone (its writer is starting)."""
-
-
-class Stopped(Exception):
-    """Shipping was asked to stop (deadline or stop event) before the sink took a batch."""
 
 
 @dataclass
@@ -106,7 +94,7 @@ class Shipper:
     def __init__(
         self,
         spool: str | os.PathLike[str],
-        sink: Sink,
+        sink: BatchWriter,
         *,
         batch_records: int = 500,
         batch_bytes: int = 32 << 20,
@@ -117,7 +105,7 @@ class Shipper:
         self.root = Path(spool)
         self.sink = sink
         self.unpack = not getattr(sink, "keeps_packed", False)
-        """Stores that keep packed bodies as they are get them packed only (Sink docs)."""
+        """Sinks that keep packed bodies as they are get them packed only (Sink docs)."""
         self.batch_records = batch_records
         self.batch_bytes = batch_bytes
         self.keep_delivered = keep_delivered
@@ -127,10 +115,11 @@ class Shipper:
         self.delivered = 0
 
     def ship_once(
-        self, *, deadline: float | None = None, stop: threading.Event | None = None
+        self, *, timeout: float | None = None, stop: threading.Event | None = None
     ) -> ShipReport:
-        """Deliver everything the spool holds now; raises :class:`Stopped` when the
-        deadline passes (or ``stop`` is set) while the sink is down."""
+        """Deliver everything the spool holds now; raises :class:`ShippingStopped` when
+        ``timeout`` (seconds) passes, or ``stop`` is set, while the sink is down."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         report = ShipReport()
         for stream in streams(self.root):
             self._ship_stream(stream, report, deadline, stop)
@@ -227,10 +216,10 @@ class Shipper:
                 )
                 pause = delay * random.uniform(0.5, 1.5)
                 if deadline is not None and time.monotonic() + pause > deadline:
-                    raise Stopped from exc
+                    raise ShippingStopped from exc
                 if stop is not None:
                     if stop.wait(pause):
-                        raise Stopped from exc
+                        raise ShippingStopped from exc
                 else:
                     time.sleep(pause)
                 delay = min(delay * 2, self.backoff_max)
@@ -272,7 +261,7 @@ class Shipper:
         while not stop.is_set():
             try:
                 self.ship_once(stop=stop)
-            except Stopped:
+            except ShippingStopped:
                 break
             except Exception:
                 self.failures += 1
@@ -280,242 +269,3 @@ class Shipper:
             if on_pass is not None:
                 on_pass()
             stop.wait(poll)
-
-
-# -- running the shipper: lock, thread, child process, sidecar -------------------------------
-
-
-class ShipperLock:
-    """The ``shipper.lock`` of a spool: only its holder ships that spool."""
-
-    def __init__(self, spool: str | os.PathLike[str]) -> None:
-        self.path = Path(spool) / "shipper.lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> bool:
-        if self._fd is not None:
-            return True  # held already: a second fd would fail and lose the first
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = try_lock(self.path)
-        return self._fd is not None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            unlock(self._fd)
-            self._fd = None
-
-    def held_elsewhere(self) -> bool:
-        """True when another process (or another holder here) ships this spool."""
-        if self._fd is not None:
-            return False
-        if not self.path.exists():
-            return False
-        fd = try_lock(self.path)
-        if fd is None:
-            return True
-        unlock(fd)
-        return False
-
-
-class ShipperThread:
-    """In-process shipping, for tests and small apps (shares the app's GIL)."""
-
-    def __init__(self, spool: str | os.PathLike[str], sink: Sink, **options: Any) -> None:
-        self.shipper = Shipper(spool, sink, **options)
-        self.lock = ShipperLock(spool)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="asgi-audit-shipper", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if self.lock.acquire():
-                try:
-                    self.shipper.run(self._stop)
-                finally:
-                    self.lock.release()
-                return
-            self._stop.wait(0.5)
-
-    def stop(self, deadline: float | None = None) -> bool:
-        """Make a last pass bounded by ``deadline`` (monotonic time), then stop."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if self._thread.is_alive():
-                return False  # still inside a pass (a slow sink): it releases the lock
-        if self.lock.acquire():
-            try:
-                self.shipper.ship_once(deadline=deadline)
-            except Stopped:
-                return False
-            finally:
-                self.lock.release()
-        return True
-
-
-_CHILD = "import sys; from asgi_audit.shipping.shipper import main; sys.exit(main(sys.argv[1:]))"
-"""The child's program (``-m asgi_audit.shipper`` would import the module twice)."""
-
-
-class ShipperProcess:
-    """The child process a middleware starts to ship its spool."""
-
-    def __init__(self, spool: str | os.PathLike[str], sink_url: str) -> None:
-        self.spool = str(spool)
-        self.sink_url = sink_url
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        if ShipperLock(self.spool).held_elsewhere():
-            return  # a shipper (another worker's child, or a sidecar) is already there
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _CHILD,
-                "--spool",
-                self.spool,
-                "--sink",
-                self.sink_url,
-                "--parent",
-                str(os.getpid()),
-                "--stop-on-eof",
-            ],
-            stdin=subprocess.PIPE,
-            start_new_session=True,
-        )
-
-    def stop(self, deadline: float) -> bool:
-        """Ask the child for a last pass and wait for it until ``deadline``.
-
-        The request is the end of the child's stdin, not SIGTERM: a signal arriving
-        before the child has installed its handler (it was started moments ago) would kill
-        it without its last pass, while an end of file waits until it is read."""
-        process = self.process
-        if process is None:
-            return True
-        if process.stdin is not None:
-            with contextlib.suppress(OSError):
-                process.stdin.close()
-        try:
-            process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            return False
-        finally:
-            self.process = None
-        return process.returncode == 0
-
-
-def serve(
-    spool: str,
-    sink_url: str,
-    *,
-    parent: int | None = None,
-    wait_for_lock: bool = True,
-    drain_seconds: float = 20.0,
-    once: bool = False,
-    stop_on_eof: bool = False,
-    keep_delivered: bool = False,
-) -> int:
-    """Ship a spool until told to stop (SIGTERM, SIGINT, or with ``stop_on_eof`` the end
-    of stdin: how the parent of a child shipper asks, and what its death looks like).
-    Returns the process exit code."""
-    lock = ShipperLock(spool)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    if stop_on_eof:
-
-        def watch_stdin() -> None:
-            # os.read on the descriptor, not sys.stdin: a daemon thread blocked inside a
-            # buffered reader's lock aborts the interpreter at exit ("could not acquire
-            # lock for <stdin> at interpreter shutdown").
-            with contextlib.suppress(OSError):
-                while os.read(0, 4096):
-                    pass
-            stop.set()
-
-        threading.Thread(target=watch_stdin, name="asgi-audit-stdin", daemon=True).start()
-    while not lock.acquire():
-        if not wait_for_lock or stop.wait(1.0):
-            return 0
-    try:
-        sink = _open_until_stopped(sink_url, stop, retry=not once)
-    except Stopped:
-        lock.release()
-        return 3
-    except Exception:
-        lock.release()
-        raise
-    shipper = Shipper(spool, sink, keep_delivered=keep_delivered)
-    try:
-        if once:
-            report = shipper.ship_once()
-            logger.info("asgi-audit: delivered %d records", report.delivered)
-            return 0
-
-        def watch_parent() -> None:
-            if parent is not None and os.getppid() != parent:
-                stop.set()
-
-        shipper.run(stop, on_pass=watch_parent)
-        try:
-            shipper.ship_once(deadline=time.monotonic() + drain_seconds)
-        except Stopped:
-            return 3
-        return 0
-    finally:
-        sink.close()
-        lock.release()
-
-
-def _open_until_stopped(url: str, stop: threading.Event, *, retry: bool) -> Store:
-    """Open the store; while it cannot be opened (a bucket not created yet, a database
-    still starting, credentials being rotated), keep the spool and try again with backoff
-    instead of exiting: records wait in the spool either way, and a shipper that exits
-    would only be restarted to fail again."""
-    delay = 1.0
-    while True:
-        try:
-            return open_sink(url)
-        except Exception as exc:
-            if not retry:
-                raise
-            logger.warning(
-                "asgi-audit: cannot open the store (%s); the spool keeps the records, "
-                "retrying in %.0f s",
-                exc,
-                delay,
-            )
-            if stop.wait(delay):
-                raise Stopped from exc
-            delay = min(delay * 2, 60.0)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m asgi_audit.shipper")
-    parser.add_argument("--spool", required=True)
-    parser.add_argument("--sink", required=True)
-    parser.add_argument("--parent", type=int)
-    parser.add_argument("--drain-seconds", type=float, default=20.0)
-    parser.add_argument("--stop-on-eof", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    return serve(
-        args.spool,
-        args.sink,
-        parent=args.parent,
-        wait_for_lock=False,
-        drain_seconds=args.drain_seconds,
-        stop_on_eof=args.stop_on_eof,
-    )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ writer keeps the set of ids in the directory, built by scanning the files when i
 lock; that scan also repairs a torn last line and fsyncs what it counted, so an id is only
 ever treated as stored once it is on disk.
 
-Reads scan the files: fine for the volumes this store is meant for; use SQLite to query.
+Reads scan the files: fine for the volumes this sink is meant for; use SQLite to query.
 """
 
 from __future__ import annotations
@@ -22,23 +22,23 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import fcntl
 import heapq
 import json
 import os
 import re
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from ._common import dumps_json, ensure_directory, matches
-from .protocols import Query, SinkError
-from .record import StoredRecord
-
-if sys.platform != "win32":
-    import fcntl
+from ..errors import SinkError
+from ..recording.spool import fsync_directory
+from .files import ensure_directory, existing, file_path
+from .protocols import Query
+from .query import matches
+from .record import StoredRecord, json_text
 
 NS_PER_DAY = 86_400 * 1_000_000_000
 _EPOCH = date(1970, 1, 1)
@@ -126,7 +126,7 @@ class JsonlSink:
         return self._ids
 
     def _take_writer_lock(self) -> None:
-        if self._lock_fd is not None or sys.platform == "win32":
+        if self._lock_fd is not None:
             return
         try:
             fd = os.open(self.directory / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -167,7 +167,7 @@ class JsonlSink:
                     file.flush()
                     os.fsync(file.fileno())
             if created:
-                _fsync_directory(self.directory)
+                fsync_directory(self.directory)
         except OSError:
             for path, size in sizes.items():
                 with contextlib.suppress(OSError):
@@ -220,7 +220,7 @@ def _encode(record: StoredRecord) -> bytes:
         if body is not None:
             data = None if body.data is None else base64.b64encode(body.data).decode("ascii")
             line[name] = {**line[name], "encoding": "base64", "data": data}
-    return dumps_json(line).encode("utf-8") + b"\n"
+    return json_text(line).encode("utf-8") + b"\n"
 
 
 def _complete_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -276,12 +276,11 @@ def _read_at(path: Path, offset: int) -> StoredRecord:
     return _decode(path, offset, line)
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a new file's name durable, not only its contents (POSIX; no-op elsewhere)."""
-    if sys.platform == "win32":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def check_url(url: str) -> None:
+    """``jsonl:///relative/dir`` or ``jsonl:////absolute/dir``."""
+    file_path(url)
+
+
+def open_url(url: str, *, create: bool = True) -> JsonlSink:
+    path = file_path(url)
+    return JsonlSink(path if create else existing(url, path))

@@ -1,10 +1,10 @@
-"""The two small protocols every store implements: ``Sink`` (write) and ``Reader`` (query).
+"""What every sink is: a :class:`BatchWriter` for the shipper, and queries for the CLI.
 
 A sink receives batches of :class:`~asgi_audit.sinks.record.StoredRecord` from the shipper.
 ``write_batch`` must be idempotent by record id (delivery is at least once: a batch may
-arrive again after a crash or a retry, and the store must end up with one copy) and must
-return only once the batch is durable in the store; raising means "not stored, retry".
-A reader answers the CLI's queries.
+arrive again after a crash or a retry, and the sink must end up with one copy) and must
+return only once the batch is durable in the sink; raising means "not stored, retry".
+The same object answers the CLI's queries (:class:`Sink`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,6 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .record import StoredRecord
-
-
-class SinkError(Exception):
-    """The store could not take or give records right now (retry later)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,18 +34,18 @@ class Query:
     newest_first: bool = True
     with_bodies: bool = False
     """When False, results carry bodies with ``data=None`` (sizes, digests and flags kept),
-    so a listing never loads megabytes of body; :meth:`Reader.get` returns the bytes."""
+    so a listing never loads megabytes of body; :meth:`Sink.get` returns the bytes."""
 
 
 @runtime_checkable
-class Sink(Protocol):
-    """Where the shipper delivers records."""
+class BatchWriter(Protocol):
+    """The part of a sink the shipper uses: where it delivers records."""
 
     def write_batch(self, records: Sequence[StoredRecord]) -> None:
         """Store ``records`` durably; a record whose id is already stored is skipped.
 
         A sink class that sets ``keeps_packed = True`` stores bodies through
-        :func:`asgi_audit.sinks.packing.encode_body`: it may then be given bodies whose
+        :func:`asgi_audit.sinks.record.kept_bytes`: it may then be given bodies whose
         ``data`` is None and whose ``packed`` holds them zstd-packed, as the spool did."""
         ...
 
@@ -59,8 +55,9 @@ class Sink(Protocol):
 
 
 @runtime_checkable
-class Reader(Protocol):
-    """Queries over a store, used by the CLI, exports and verification."""
+class Sink(BatchWriter, Protocol):
+    """A sink: takes batches from the shipper and answers the CLI's queries over them
+    (what :func:`~asgi_audit.sinks.open_sink` returns)."""
 
     def search(self, query: Query) -> Iterator[StoredRecord]:
         """Records matching ``query``, ordered by start time (then id)."""
@@ -71,7 +68,7 @@ class Reader(Protocol):
         ...
 
     def count(self) -> int:
-        """How many records the store holds."""
+        """How many records the sink holds."""
         ...
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""The record as stored: what sinks write and readers give back.
+"""The record as stored: what sinks write and give back.
 
 An :class:`Exchange` lives on the event loop and holds references; a ``StoredRecord`` is
 its settled form: plain metadata (JSON-friendly: headers as latin-1 strings, times as
@@ -9,6 +9,7 @@ from the spool; every sink stores it and every reader returns it.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,8 +32,8 @@ class StoredBody:
     complete: bool = True
     sent_path: str | None = None
     packed: bytes | None = field(default=None, compare=False, repr=False)
-    """The kept bytes as the spool packed them (zstd), which a store keeps as they are.
-    On the way to a store that keeps packed bodies, ``data`` is None and only these are
+    """The kept bytes as the spool packed them (zstd), which a sink keeps as they are.
+    On the way to a sink that keeps packed bodies, ``data`` is None and only these are
     set: the shipper does not unpack what nobody reads."""
 
     @property
@@ -141,3 +142,29 @@ def body_metadata(body: StoredBody) -> dict[str, Any]:
         "complete": body.complete,
         "sent_path": body.sent_path,
     }
+
+
+def kept_bytes(body: StoredBody | None) -> tuple[bytes | None, packing.Encoding]:
+    """What a sink keeps of ``body`` and its encoding: the spool's packed form when the
+    writer made one (not unpacked and packed again), else :func:`packing.encode`."""
+    if body is None:
+        return None, "identity"
+    if body.packed is not None:
+        return body.packed, "zstd"
+    return packing.encode(body.data)
+
+
+def json_text(value: object) -> str:
+    """Compact JSON, readable non-ASCII, yet never failing on a lone surrogate.
+
+    Text reaching a sink is latin-1 headers and server-decoded paths, so surrogates should
+    not occur; if one does, the record is escaped to ASCII rather than refused, since a
+    record the sink refuses would be retried forever and hold up its whole stream.
+    """
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(value, separators=(",", ":"))
+    return text

@@ -1,7 +1,11 @@
-"""``postgresql://user@host:5432/db?table=audit_records``: many pods, one queryable store.
+"""The PostgreSQL sink itself: ``postgresql://user@host:5432/db?table=audit_records``.
+
+Loaded by :func:`asgi_audit.sinks.postgres.open_url` only: the application checks its URL
+with :mod:`.url`, which imports no driver. The statements it shares with the SQLite sink
+(rows, WHERE clause, keyset pages, layout version) are in :mod:`asgi_audit.sinks.sql`.
 
 On Kubernetes a service runs as many short-lived pods; their records belong in one place
-the team already operates. This store keeps one row per exchange, like the SQLite store:
+the team already operates. This sink keeps one row per exchange, like the SQLite sink:
 indexed columns copy what the CLI filters and sorts on, ``metadata`` holds the whole
 record as JSON text and is the source of truth when reading back, and the bodies are
 ``bytea``, through :mod:`.packing` (zstd when that pays, with an encoding column), so
@@ -24,12 +28,12 @@ so the primary key is ``(started_at_ns, id)``. That still makes a record id uniq
 record's start time is part of the record, fixed when the exchange began and carried
 unchanged through the spool, so a redelivered record always has the same key and
 ``ON CONFLICT DO NOTHING`` keeps the first copy. Ids repeated inside one batch are
-dropped before the database sees them, keeping the first occurrence as the other stores do.
+dropped before the database sees them, keeping the first occurrence as the other sinks do.
 
 Writes. A batch is copied (binary ``COPY``, so body bytes travel as they are rather than
 as hex text) into a temporary staging table, then moved with one ``INSERT ... SELECT ...
 ON CONFLICT DO NOTHING``, in one transaction: one commit, so one WAL flush per batch. The
-staging table is created once per connection, ``ON COMMIT DELETE ROWS`` (so the store
+staging table is created once per connection, ``ON COMMIT DELETE ROWS`` (so the sink
 needs session-level connections: direct, or PgBouncer in session mode). A session whose
 ``synchronous_commit`` is ``off`` is set back to ``on``: the shipper drops spooled records
 once ``write_batch`` returns, so the commit must be durable by then.
@@ -52,7 +56,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -64,21 +67,12 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..errors import ConfigError
-from ._common import (
-    BODY_COLUMNS,
-    encoded_bodies,
-    indexed_columns,
-    keyset_pages,
-    record_from_row,
-)
-from .protocols import Query, SinkError
-from .record import StoredRecord
+from ...errors import ConfigError, SinkError
+from .. import sql as shared
+from ..protocols import Query
+from ..record import StoredRecord
+from .url import not_a_url, parse_url, without_secrets
 
-STORE_SCHEMA_VERSION = 1
-"""Version of the table layout below (not of the record schema, which the JSON carries)."""
-
-DEFAULT_TABLE = "audit_records"
 DAY_NS = 86_400 * 1_000_000_000
 DAYS_BEHIND = 1
 DAYS_AHEAD = 3
@@ -94,42 +88,30 @@ CONNECT_TIMEOUT = 10
 DDL_LOCK_TIMEOUT = "10s"
 """Partition DDL waits this long for the parent's lock (long readers) before giving up."""
 
-_TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,47}")
-"""Lower case (what unquoted SQL means), and short enough for the longest derived name
-(``<table>_schema_version``) to fit PostgreSQL's 63 bytes."""
-
 _STAGING = sql.Identifier("pg_temp", "asgi_audit_staging")
 
-_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("started_at_ns", "int8"),
-    ("id", "text"),
-    ("stream", "text"),
-    ("seq", "int8"),
-    ("method", "text"),
-    ("route", "text"),
-    ("path", "text"),
-    ("status", "int4"),
-    ("outcome", "text"),
-    ("correlation_id", "text"),
-    ("trace_id", "text"),
-    ("service", "text"),
-    ("metadata", "text"),
-    ("request_encoding", "text"),
-    ("response_encoding", "text"),
-    ("request_body", "bytea"),
-    ("response_body", "bytea"),
-)
-"""What a batch carries, in COPY order, with the binary COPY type of each."""
+_NOT_TEXT = {
+    "started_at_ns": "int8",
+    "seq": "int8",
+    "status": "int4",
+    "request_body": "bytea",
+    "response_body": "bytea",
+}
+
+_COLUMNS = tuple((name, _NOT_TEXT.get(name, "text")) for name in shared.ROW_COLUMNS)
+"""What a batch carries, in COPY order (that of :func:`shared.row`), with the binary COPY
+type of each."""
 
 _COLUMN_LIST = sql.SQL(", ").join(sql.Identifier(name) for name, _ in _COLUMNS)
 _COPY_TYPES = [kind for _, kind in _COLUMNS]
 
 
-_PAGE_ROWS = 256
-_PAGE_ROWS_WITH_BODIES = 16
-"""Rows per read; bodies may be megabytes each, so those pages are kept short."""
-
 _BOUNDS = re.compile(r"FROM \('?(-?\d+)'?\) TO \('?(-?\d+)'?\)")
+
+_DIALECT = shared.Dialect("%s", shared.nul_and_surrogate_safe, prune_partitions=True)
+"""PostgreSQL text holds neither NUL nor lone surrogates; both are escaped in index
+columns (the JSON metadata keeps the exact value), and pages are bounded so that the
+planner prunes partitions."""
 
 T = TypeVar("T")
 Connection = psycopg.Connection[TupleRow]
@@ -150,60 +132,18 @@ class Partition:
         return range(-(-self.low_ns // DAY_NS), self.high_ns // DAY_NS)
 
 
-@dataclass(frozen=True, slots=True)
-class PostgresURL:
-    """A parsed store URL: what libpq gets, the table, and a form safe to print."""
-
-    conninfo: str
-    table: str
-    display: str
-
-
-def parse_url(url: str) -> PostgresURL:
-    """Split ``table`` from the options libpq understands; check both now.
-
-    Raises :class:`ConfigError` for a table that is not a plain identifier (it becomes
-    part of SQL statements and of derived names) or a URL libpq would refuse."""
-    base, _, query = url.partition("?")
-    query, _, fragment = query.partition("#")
-    if fragment:
-        raise ConfigError("sink", f"unexpected '#' in {_masked(url)!r}")
-    # The other options go to libpq as written: decoding and re-encoding them would change
-    # what libpq reads ('+' is not a space to libpq, '%20' is).
-    pieces = [piece for piece in query.split("&") if piece]
-    names = [urllib.parse.unquote(piece.partition("=")[0]) for piece in pieces]
-    tables = [
-        urllib.parse.unquote(piece.partition("=")[2])
-        for piece, name in zip(pieces, names, strict=True)
-        if name == "table"
-    ]
-    if len(tables) > 1:
-        raise ConfigError("sink", f"'table' given {len(tables)} times in {_masked(url)!r}")
-    table = tables[0] if tables else DEFAULT_TABLE
-    if not _TABLE_NAME.fullmatch(table):
-        raise ConfigError(
-            "sink",
-            f"table must be a lower-case SQL identifier of at most 48 characters "
-            f"([a-z_][a-z0-9_]*), got {table!r} in {_masked(url)!r}",
-        )
-    rest = [piece for piece, name in zip(pieces, names, strict=True) if name != "table"]
-    libpq_url = base + ("?" + "&".join(rest) if rest else "")
+def _conninfo(url: str, libpq_url: str) -> str:
+    """The connection string: libpq's own reading of the URL, with this sink's defaults."""
     try:
         params: dict[str, Any] = conninfo_to_dict(libpq_url)
-    except psycopg.Error as exc:
-        raise ConfigError("sink", f"not a PostgreSQL URL: {_masked(url)!r} ({exc})") from None
-    port = str(params.get("port", ""))
-    if not all(part.isdigit() or not part for part in port.split(",")):
-        raise ConfigError("sink", f"not a PostgreSQL URL: {_masked(url)!r} (port {port!r})")
+    except (psycopg.Error, UnicodeDecodeError) as exc:
+        # parse_url refuses what libpq would, so only an older libpq that lacks a
+        # parameter gets here; its message may quote the URL's parts, passwords included.
+        reason = without_secrets(" ".join(str(exc).split()), libpq_url)
+        raise not_a_url(url, f"libpq: {reason}") from None
     params.setdefault("connect_timeout", CONNECT_TIMEOUT)
     params.setdefault("application_name", "asgi-audit")
-    display = _masked(base) + f"?table={table}"
-    return PostgresURL(make_conninfo("", **params), table, display)
-
-
-def _masked(url: str) -> str:
-    """The URL with any password replaced, for messages and logs."""
-    return re.sub(r"(://[^:/@?#]*:)[^@/?#]*@", r"\1***@", url)
+    return make_conninfo("", **params)
 
 
 class PostgresSink:
@@ -219,7 +159,7 @@ class PostgresSink:
         parsed = parse_url(url)
         self.table = parsed.table
         self.display = parsed.display
-        self._conninfo = parsed.conninfo
+        self._conninfo = _conninfo(url, parsed.libpq_url)
         self._create = create
         self._lock = threading.Lock()
         self._pool: ConnectionPool[Connection] | None = None
@@ -253,7 +193,7 @@ class PostgresSink:
             self._check_open()
             return
         # The CPU work (JSON, zstd) is done before a connection is taken from the pool.
-        rows = [_row(record) for record in first.values()]
+        rows = [shared.row(record, _DIALECT) for record in first.values()]
         days = {record.started_at_ns // DAY_NS for record in first.values()}
         self._run(f"batch of {len(rows)} not stored", lambda c: self._write(c, rows, days))
 
@@ -268,14 +208,19 @@ class PostgresSink:
 
     def search(self, query: Query) -> Iterator[StoredRecord]:
         self._check_open()
-        return self._pages(query)
+
+        def run(statement: str, params: list[Any]) -> list[TupleRow]:
+            composed = sql.SQL(statement).format(**self._names)
+            return self._fetch(composed, params, binary=query.with_bodies)
+
+        return shared.search(query, "{t}", _DIALECT, run)
 
     def get(self, record_id: str) -> StoredRecord | None:
         statement = sql.SQL(
-            "SELECT " + BODY_COLUMNS + " FROM {t} WHERE id = %s ORDER BY started_at_ns LIMIT 1"
+            f"SELECT {shared.BODY_COLUMNS} FROM {{t}} WHERE id = %s ORDER BY started_at_ns LIMIT 1"
         ).format(**self._names)
-        rows = self._fetch(statement, (_text(record_id),), binary=True)
-        return None if not rows else record_from_row(rows[0])
+        rows = self._fetch(statement, (_DIALECT.text(record_id),), binary=True)
+        return None if not rows else shared.record_from_row(rows[0], record_id)
 
     def count(self) -> int:
         rows = self._fetch(sql.SQL("SELECT count(*) FROM {t}").format(**self._names), ())
@@ -411,11 +356,8 @@ class PostgresSink:
         return None if row is None or row[0] is None else int(row[0])
 
     def _migrate(self, connection: Connection, version: int) -> None:
-        if version > STORE_SCHEMA_VERSION:
-            raise SinkError(
-                f"{self!r}: table {self.table!r} has layout version {version}, newer than "
-                f"this asgi-audit understands ({STORE_SCHEMA_VERSION}); upgrade asgi-audit"
-            )
+        if version > shared.STORE_SCHEMA_VERSION:
+            raise SinkError(f"{self!r}: " + shared.newer_layout(f"table {self.table!r}", version))
         if version == 0:
             taken = connection.execute("SELECT to_regclass(%s)", (self.table,)).fetchone()
             if taken and taken[0] is not None:
@@ -430,7 +372,7 @@ class PostgresSink:
                     " applied_at timestamptz NOT NULL DEFAULT now())"
                 ).format(**self._names)
             )
-        for target in range(version + 1, STORE_SCHEMA_VERSION + 1):
+        for target in range(version + 1, shared.STORE_SCHEMA_VERSION + 1):
             for statement in _MIGRATIONS[target]:
                 connection.execute(sql.SQL(statement).format(**self._names))
             connection.execute(
@@ -482,7 +424,7 @@ class PostgresSink:
         self._days = existing | wanted
         self._ahead_day = today
 
-    def _write(self, connection: Connection, rows: list[_Row], days: set[int]) -> None:
+    def _write(self, connection: Connection, rows: list[shared.Row], days: set[int]) -> None:
         for attempt in (1, 2):
             self._ensure_days(connection, days)
             try:
@@ -510,32 +452,6 @@ class PostgresSink:
         dropped = {day for part in old for day in part.days}
         self._days -= dropped
         return [part.name for part in old]
-
-    # Reading
-
-    def _pages(self, query: Query) -> Iterator[StoredRecord]:
-        where, params = _where(query)
-        columns = BODY_COLUMNS if query.with_bodies else "metadata"
-        order, after, bound = ("DESC", "<", "<=") if query.newest_first else ("ASC", ">", ">=")
-
-        def fetch(last: tuple[int, str] | None, size: int) -> Sequence[Sequence[Any]]:
-            conditions = list(where)
-            page_params = list(params)
-            if last is not None:
-                # The plain bound lets the planner prune partitions; the row comparison
-                # is the exact keyset condition.
-                conditions.append(f"started_at_ns {bound} %s")
-                conditions.append(f"(started_at_ns, id) {after} (%s, %s)")
-                page_params.extend((last[0], *last))
-            statement = sql.SQL(
-                f"SELECT started_at_ns, id, {columns} FROM {{t}}"
-                f"{' WHERE ' + ' AND '.join(conditions) if conditions else ''}"
-                f" ORDER BY started_at_ns {order}, id {order} LIMIT %s"
-            ).format(**self._names)
-            return self._fetch(statement, [*page_params, size], binary=query.with_bodies)
-
-        page_rows = _PAGE_ROWS_WITH_BODIES if query.with_bodies else _PAGE_ROWS
-        return keyset_pages(query.limit, page_rows, fetch)
 
 
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -617,50 +533,14 @@ def _reason(exc: psycopg.Error) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _where(query: Query) -> tuple[list[str], list[Any]]:
-    conditions: list[str] = []
-    params: list[Any] = []
-    for clause, value in (
-        ("started_at_ns >= %s", query.since_ns),
-        ("started_at_ns < %s", query.until_ns),
-        ("route = %s", None if query.route is None else _text(query.route)),
-        ("method = %s", None if query.method is None else _text(query.method)),
-        ("status >= %s", query.status_low),
-        ("status <= %s", query.status_high),
-        (
-            "correlation_id = %s",
-            None if query.correlation_id is None else _text(query.correlation_id),
-        ),
-    ):
-        if value is not None:
-            conditions.append(clause)
-            params.append(value)
-    return conditions, params
-
-
-def _text(value: str) -> str:
-    """PostgreSQL text holds neither NUL nor lone surrogates; escape them in index columns
-    (the JSON metadata keeps the exact value)."""
-    if "\x00" in value:
-        value = value.replace("\x00", "\\x00")
-    if value.isascii():
-        return value
-    return value.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-_Row = tuple[Any, ...]
-
-
-def _row(record: StoredRecord) -> _Row:
-    request, request_encoding, response, response_encoding = encoded_bodies(record)
-    return (
-        record.started_at_ns,
-        _text(record.id),
-        _text(record.stream),
-        record.seq,
-        *indexed_columns(record, _text),
-        request_encoding,
-        response_encoding,
-        request,
-        response,
-    )
+def open_postgres(url: str, *, create: bool = True) -> PostgresSink:
+    """The sink at ``url``. Readers (``create=False``) connect now, so a missing table or
+    an unreachable server is one clear error before any work starts."""
+    sink = PostgresSink(url, create=create)
+    if not create:
+        try:
+            sink.ready()
+        except SinkError as exc:
+            sink.close()
+            raise ConfigError("sink", str(exc)) from None
+    return sink

@@ -1,4 +1,8 @@
-"""``sqlite:///path.db``: the embedded default store, one row per exchange.
+"""The SQLite sink itself: one row per exchange in one file.
+
+Loaded by :func:`asgi_audit.sinks.sqlite.open_url` only, so that an application, which
+only checks its sink URL, never imports :mod:`sqlite3`. The statements it shares with the
+PostgreSQL sink (rows, WHERE clause, keyset pages) are in :mod:`asgi_audit.sinks.sql`.
 
 Durability: WAL journal with ``synchronous=FULL``. The shipper advances its spool
 checkpoint as soon as ``write_batch`` returns, so a commit must already be on disk then.
@@ -29,22 +33,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ._common import (
-    BODY_COLUMNS,
-    encoded_bodies,
-    ensure_directory,
-    indexed_columns,
-    keyset_pages,
-    record_from_row,
-)
-from .protocols import Query, SinkError
-from .record import StoredRecord
-
-STORE_SCHEMA_VERSION = 1
-"""Version of the table layout below (not of the record schema, which the JSON carries)."""
+from ...errors import ConfigError, SinkError
+from .. import sql
+from ..files import ensure_directory
+from ..protocols import Query
+from ..record import StoredRecord
 
 BUSY_TIMEOUT_MS = 10_000
+
+_DIALECT = sql.Dialect("?", sql.surrogate_safe)
+"""SQLite text must be valid UTF-8: lone surrogates are escaped in index columns."""
 
 _SCHEMA = (
     """
@@ -84,20 +82,10 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS records_stream ON records (stream, seq)",
 )
 
-_INSERT = """
-    INSERT OR IGNORE INTO records (
-        id, stream, seq, started_at_ns, method, route, path, status, outcome,
-        correlation_id, trace_id, service, metadata, request_body, response_body,
-        request_encoding, response_encoding
-    ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-"""
-
-
-_PAGE_ROWS = 256
-_PAGE_ROWS_WITH_BODIES = 16
-"""Rows per read; bodies may be megabytes each, so those pages are kept short."""
-
-Row = tuple[Any, ...]
+_INSERT = (
+    f"INSERT OR IGNORE INTO records ({', '.join(sql.ROW_COLUMNS)})"
+    f" VALUES ({', '.join('?' for _ in sql.ROW_COLUMNS)})"
+)
 
 
 class SqliteSink:
@@ -116,7 +104,7 @@ class SqliteSink:
         return f"SqliteSink({os.fspath(self.path)!r})"
 
     def write_batch(self, records: Sequence[StoredRecord]) -> None:
-        rows = [_row(record) for record in records]
+        rows = [sql.row(record, _DIALECT) for record in records]
         if not rows:
             return
         with self._lock:
@@ -133,14 +121,14 @@ class SqliteSink:
 
     def search(self, query: Query) -> Iterator[StoredRecord]:
         self._open_connection()
-        return self._pages(query)
+        return sql.search(query, "records", _DIALECT, self._fetch)
 
     def get(self, record_id: str) -> StoredRecord | None:
-        row = self._fetch(
-            f"SELECT {BODY_COLUMNS} FROM records WHERE id = ?",
-            (record_id,),
+        rows = self._fetch(
+            f"SELECT {sql.BODY_COLUMNS} FROM records WHERE id = ?",
+            (_DIALECT.text(record_id),),
         )
-        return None if not row else record_from_row(row[0])
+        return None if not rows else sql.record_from_row(rows[0], record_id)
 
     def count(self) -> int:
         rows = self._fetch("SELECT count(*) FROM records", ())
@@ -160,34 +148,13 @@ class SqliteSink:
             raise SinkError(f"{self!r} is closed")
         return self._connection
 
-    def _fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
+    def _fetch(self, statement: str, params: Sequence[Any]) -> list[sql.Row]:
         with self._lock:
             connection = self._open_connection()
             try:
-                return connection.execute(sql, params).fetchall()
+                return connection.execute(statement, params).fetchall()
             except sqlite3.Error as exc:
                 raise SinkError(f"{self!r}: query failed: {exc}") from exc
-
-    def _pages(self, query: Query) -> Iterator[StoredRecord]:
-        where, params = _where(query)
-        columns = BODY_COLUMNS if query.with_bodies else "metadata"
-        order, after = ("DESC", "<") if query.newest_first else ("ASC", ">")
-
-        def fetch(last: tuple[int, str] | None, size: int) -> list[Row]:
-            conditions = list(where)
-            page_params = list(params)
-            if last is not None:
-                conditions.append(f"(started_at_ns, id) {after} (?, ?)")
-                page_params.extend(last)
-            sql = (
-                f"SELECT started_at_ns, id, {columns} FROM records"
-                f"{' WHERE ' + ' AND '.join(conditions) if conditions else ''}"
-                f" ORDER BY started_at_ns {order}, id {order} LIMIT ?"
-            )
-            return self._fetch(sql, [*page_params, size])
-
-        page_rows = _PAGE_ROWS_WITH_BODIES if query.with_bodies else _PAGE_ROWS
-        return keyset_pages(query.limit, page_rows, fetch)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -230,56 +197,12 @@ def _create_schema(connection: sqlite3.Connection, path: Path) -> None:
         if found is None:
             connection.execute(
                 "INSERT INTO schema_version (version, applied_at_ns) VALUES (?, ?)",
-                (STORE_SCHEMA_VERSION, time.time_ns()),
+                (sql.STORE_SCHEMA_VERSION, time.time_ns()),
             )
-        elif found > STORE_SCHEMA_VERSION:
-            raise ConfigError(
-                "sink",
-                f"SQLite file {os.fspath(path)!r} has layout version {found}, newer than "
-                f"this asgi-audit understands ({STORE_SCHEMA_VERSION}); upgrade asgi-audit",
-            )
+        elif found > sql.STORE_SCHEMA_VERSION:
+            raise ConfigError("sink", sql.newer_layout(f"SQLite file {os.fspath(path)!r}", found))
         connection.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
             connection.execute("ROLLBACK")
         raise
-
-
-def _where(query: Query) -> tuple[list[str], list[Any]]:
-    conditions: list[str] = []
-    params: list[Any] = []
-    for clause, value in (
-        ("started_at_ns >= ?", query.since_ns),
-        ("started_at_ns < ?", query.until_ns),
-        ("route = ?", query.route),
-        ("method = ?", query.method),
-        ("status >= ?", query.status_low),
-        ("status <= ?", query.status_high),
-        ("correlation_id = ?", query.correlation_id),
-    ):
-        if value is not None:
-            conditions.append(clause)
-            params.append(value)
-    return conditions, params
-
-
-def _text(value: str) -> str:
-    """SQLite text must be valid UTF-8; escape a lone surrogate in an index column."""
-    if value.isascii():
-        return value
-    return value.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _row(record: StoredRecord) -> Row:
-    request, request_encoding, response, response_encoding = encoded_bodies(record)
-    return (
-        record.id,
-        _text(record.stream),
-        record.seq,
-        record.started_at_ns,
-        *indexed_columns(record, _text),
-        request,
-        response,
-        request_encoding,
-        response_encoding,
-    )

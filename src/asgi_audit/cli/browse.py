@@ -1,0 +1,193 @@
+"""Looking at a sink: ``ls``, ``show``, ``tail``, ``export`` and ``stats``."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections import defaultdict
+from typing import Any, BinaryIO
+
+import click
+import orjson
+
+from ..sinks.record import StoredBody, StoredRecord
+from .exports import jsonl_line
+from .main import filters, line_of, main, make_query, opened_sink, sink_option, size_text
+
+
+@main.command("ls")
+@sink_option
+@filters
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--oldest-first", is_flag=True, help="Oldest first (default: newest first).")
+def list_records(sink: str, limit: int, oldest_first: bool, **options: Any) -> None:
+    """List records, newest first."""
+    with opened_sink(sink) as opened:
+        query = make_query(limit=limit, newest_first=not oldest_first, **options)
+        for record in opened.search(query):
+            click.echo(line_of(record))
+
+
+@main.command()
+@sink_option
+@click.argument("record_id")
+@click.option(
+    "--raw",
+    type=click.Choice(["request", "response"]),
+    help="Write exactly the stored bytes of that body to standard output.",
+)
+def show(sink: str, record_id: str, raw: str | None) -> None:
+    """Show one record: metadata, headers and bodies (JSON pretty-printed)."""
+    with opened_sink(sink) as opened:
+        record = opened.get(record_id)
+    if record is None:
+        raise click.ClickException(f"no record {record_id!r} in {sink}")
+    if raw is not None:
+        body = record.request_body if raw == "request" else record.response_body
+        if body is None or body.data is None:
+            raise click.ClickException(f"record {record_id} has no stored {raw} body")
+        out: BinaryIO = sys.stdout.buffer
+        out.write(body.data)
+        out.flush()
+        return
+    click.echo(line_of(record))
+    click.echo(
+        f"route {record.route}  stream {record.stream} #{record.seq}  "
+        f"correlation {record.correlation_id}  trace {record.trace_id or '-'}"
+    )
+    if record.error:
+        click.echo(f"error {record.error}")
+    for title, headers, body in (
+        ("request", record.request_headers, record.request_body),
+        ("response", record.response_headers, record.response_body),
+    ):
+        click.echo(f"\n── {title} " + "─" * 60)
+        for name, value in headers:
+            click.echo(f"{name}: {value}")
+        click.echo(_describe_body(body))
+
+
+def _describe_body(body: StoredBody | None) -> str:
+    if body is None:
+        return "(body not kept at this level)"
+    head = f"({body.size:,} bytes, sha256 {body.sha256}"
+    head += ", truncated" if body.truncated else ""
+    head += ", incomplete" if not body.complete else ""
+    head += f", sent from {body.sent_path}" if body.sent_path else ""
+    head += ")"
+    if body.data is None:
+        return head
+    try:
+        text = orjson.dumps(orjson.loads(body.data), option=orjson.OPT_INDENT_2).decode()
+    except orjson.JSONDecodeError:
+        try:
+            text = body.data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = f"<{len(body.data):,} bytes of binary; use --raw to get them>"
+    return f"{head}\n{text}" if text else head
+
+
+@main.command()
+@sink_option
+@filters
+@click.option("-n", "--lines", default=10, show_default=True, type=click.IntRange(min=0))
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new records as they arrive.")
+@click.option("--interval", default=0.5, show_default=True, type=click.FloatRange(min=0.05))
+@click.option("--max-seconds", type=click.FloatRange(min=0), help="Stop following after this.")
+def tail(
+    sink: str,
+    lines: int,
+    follow: bool,
+    interval: float,
+    max_seconds: float | None,
+    **options: Any,
+) -> None:
+    """Print the latest records; with -f, keep printing new ones."""
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    with opened_sink(sink) as opened:
+        latest = list(opened.search(make_query(limit=lines, **options))) if lines else []
+        seen = {record.id for record in latest}
+        for record in reversed(latest):
+            click.echo(line_of(record))
+        since = max((r.started_at_ns for r in latest), default=options.get("since") or 0)
+        while follow and (deadline is None or time.monotonic() < deadline):
+            time.sleep(interval)
+            options["since"] = since
+            fresh = [
+                r
+                for r in opened.search(make_query(limit=None, newest_first=False, **options))
+                if r.id not in seen
+            ]
+            for record in fresh:
+                click.echo(line_of(record))
+                seen.add(record.id)
+                since = max(since, record.started_at_ns)
+
+
+@main.command()
+@sink_option
+@filters
+@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
+@click.option("--bodies", is_flag=True, help="Include bodies (UTF-8 text or base64).")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many records.")
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, writable=True), help="File instead of stdout."
+)
+def export(
+    sink: str, fmt: str, bodies: bool, limit: int | None, output: str | None, **options: Any
+) -> None:
+    """Export records, oldest first, one JSON object per line."""
+    query = make_query(limit=limit, newest_first=False, with_bodies=bodies, **options)
+    with opened_sink(sink) as opened:
+        total = opened.count() if limit is None else limit
+        out: BinaryIO = (
+            open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115
+        )
+        show_progress = sys.stderr.isatty()
+        try:
+            written = 0
+            for record in opened.search(query):
+                out.write(jsonl_line(record, bodies=bodies))
+                written += 1
+                if show_progress and written % 100 == 0:
+                    click.echo(f"\rexported {written:,} of about {total:,}", err=True, nl=False)
+            out.flush()
+        finally:
+            if output:
+                out.close()
+        if show_progress:
+            click.echo(f"\rexported {written:,} records" + " " * 20, err=True)
+
+
+@main.command()
+@sink_option
+@filters
+def stats(sink: str, **options: Any) -> None:
+    """Counts, bytes and p50/p99 duration by route."""
+    by_route: dict[str, list[StoredRecord]] = defaultdict(list)
+    with opened_sink(sink) as opened:
+        for record in opened.search(make_query(limit=None, **options)):
+            by_route[record.route or "(no route)"].append(record)
+    if not by_route:
+        click.echo("no records")
+        return
+    click.echo(
+        f"{'route':40} {'count':>7} {'errors':>7} {'req bytes':>11} {'resp bytes':>11} "
+        f"{'p50 ms':>8} {'p99 ms':>8}"
+    )
+    for route, records in sorted(by_route.items(), key=lambda item: -len(item[1])):
+        durations = sorted(r.duration_ns / 1e6 for r in records)
+        errors = sum(1 for r in records if r.outcome != "complete" or (r.status or 0) >= 500)
+        click.echo(
+            f"{route[:40]:40} {len(records):>7} {errors:>7} "
+            f"{size_text(sum(r.request_size for r in records)):>11} "
+            f"{size_text(sum(r.response_size for r in records)):>11} "
+            f"{_percentile(durations, 50):>8.1f} {_percentile(durations, 99):>8.1f}"
+        )
+
+
+def _percentile(values: list[float], percent: int) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[percent - 1]

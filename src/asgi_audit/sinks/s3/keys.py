@@ -1,0 +1,122 @@
+"""Where objects go in the bucket: the key layout, written and read back from listings.
+
+Layout (keys relative to ``<prefix>/``, which may be empty)::
+
+    dt=YYYY-MM-DD/hour=HH/<stream>/<first-seq>-<last-seq>.aab
+    index/dt=YYYY-MM-DD/hour=HH/<stream>/<first-seq>-<last-seq>.json.zst
+
+Time comes first so that a time-range search lists only the ``dt=/hour=`` prefixes of its
+range, and a lifecycle rule can expire old days. The data object's date and hour are
+those of its batch's first record start (UTC); an index object's are those of the records
+it holds (see :mod:`.index`). Sequence numbers are zero-padded to :data:`SEQ_DIGITS`
+digits so that key order is sequence order, which is the order in which readers pick the
+first of two copies of a record. ``<stream>`` is the stream id with every byte outside
+``[A-Za-z0-9_.-]`` (and a leading ``.``) written as ``~XX``: keys stay ASCII, no segment is
+``.`` or ``..``, and two streams never share a key.
+
+A re-delivered batch has the same stream and first/last sequence numbers, hence the same
+keys: that is what makes writes idempotent (see :mod:`.sink`).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import uuid
+from datetime import UTC, date, datetime
+
+HOUR_NS = 3600 * 1_000_000_000
+SEQ_DIGITS = 12
+DATA_SUFFIX = ".aab"
+"""Data objects: "asgi-audit batch"."""
+INDEX_SUFFIX = ".json.zst"
+INDEX_DIR = "index"
+
+_KEY_SAFE = frozenset(string.ascii_letters + string.digits + "_-.")
+_DAY = re.compile(r"dt=(\d{4})-(\d{2})-(\d{2})/$")
+_HOUR = re.compile(r"hour=(\d{2})/$")
+_EPOCH = date(1970, 1, 1)
+
+
+def key_segment(text: str) -> str:
+    """``text`` as one safe, reversible key segment (see the module docstring)."""
+    if not text:
+        return "~"
+    out: list[str] = []
+    for position, char in enumerate(text):
+        if char in _KEY_SAFE and not (position == 0 and char == "."):
+            out.append(char)
+        else:
+            out.extend(f"~{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
+    return "".join(out)
+
+
+def hour_path(hour: int) -> str:
+    """``dt=YYYY-MM-DD/hour=HH`` of an hour number (hours since the epoch, UTC)."""
+    moment = datetime.fromtimestamp(hour * 3600, tz=UTC)
+    return f"dt={moment:%Y-%m-%d}/hour={moment:%H}"
+
+
+def hour_of(started_at_ns: int) -> int:
+    return started_at_ns // HOUR_NS
+
+
+def batch_name(first_seq: int, last_seq: int) -> str:
+    return f"{first_seq:0{SEQ_DIGITS}d}-{last_seq:0{SEQ_DIGITS}d}"
+
+
+def data_key(hour: int, stream: str, first_seq: int, last_seq: int) -> str:
+    """The data object of a batch whose first record started in ``hour``."""
+    name = batch_name(first_seq, last_seq)
+    return f"{hour_path(hour)}/{key_segment(stream)}/{name}{DATA_SUFFIX}"
+
+
+def index_key(hour: int, stream: str, first_seq: int, last_seq: int) -> str:
+    """The index object of a batch's records that started in ``hour``."""
+    name = batch_name(first_seq, last_seq)
+    return f"{INDEX_DIR}/{hour_path(hour)}/{key_segment(stream)}/{name}{INDEX_SUFFIX}"
+
+
+def index_hour_prefix(hour: int) -> str:
+    """The prefix of every index object of one hour partition."""
+    return f"{INDEX_DIR}/{hour_path(hour)}/"
+
+
+def index_prefix(day: int | None = None) -> str:
+    """The prefix of every index object, or (given ``day``) of one day's: where the days,
+    or the hours of ``day``, are listed."""
+    if day is None:
+        return f"{INDEX_DIR}/"
+    return f"{INDEX_DIR}/{hour_path(day * 24).split('/')[0]}/"
+
+
+def day_listed(common_prefix: str) -> int | None:
+    """The day (since the epoch) a listed ``.../dt=YYYY-MM-DD/`` prefix names, if any."""
+    match = _DAY.search(common_prefix)
+    if not match:
+        return None
+    try:
+        return (date(*map(int, match.groups())) - _EPOCH).days
+    except ValueError:
+        return None
+
+
+def hour_listed(common_prefix: str, day: int) -> int | None:
+    """The hour number a listed ``.../hour=HH/`` prefix of ``day`` names, if any."""
+    match = _HOUR.search(common_prefix)
+    if match and int(match.group(1)) < 24:
+        return day * 24 + int(match.group(1))
+    return None
+
+
+def id_hours(record_id: str) -> list[int]:
+    """Hours to look in first for ``record_id``: a UUIDv7 id is made when the exchange ends,
+    so its start is in that hour or (for a long exchange) before it."""
+    try:
+        value = uuid.UUID(record_id)
+    except ValueError:
+        return []
+    if value.version != 7:
+        return []
+    hour = hour_of((value.int >> 80) * 1_000_000)
+    return [hour, hour - 1]
