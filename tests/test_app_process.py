@@ -7,9 +7,11 @@ Each check runs in a fresh interpreter: imports and audit hooks cannot be undone
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import textwrap
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,21 @@ _SERVE_ONE = textwrap.dedent(
 )
 
 
+def run_python(*args: str) -> str:
+    """Run a fresh interpreter in the project's directory; its standard output."""
+    result = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=environment(),
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 @pytest.mark.parametrize(
     ("sink", "ship"),
     [
@@ -85,25 +102,15 @@ def test_building_the_middleware_and_serving_imports_no_driver(
 ) -> None:
     """Building AuditMiddleware for any sink and serving an exchange (lifespan included)
     imports none of psycopg, boto3, botocore, sqlite3 or click into the app's process."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _SERVE_ONE,
-            sink.format(tmp=tmp_path),
-            str(tmp_path / "spool"),
-            ship,
-            json.dumps(HEAVY),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env=environment(),
-        cwd=ROOT,
-        check=False,
+    output = run_python(
+        "-c",
+        _SERVE_ONE,
+        sink.format(tmp=tmp_path),
+        str(tmp_path / "spool"),
+        ship,
+        json.dumps(HEAVY),
     )
-    assert result.returncode == 0, result.stderr
-    answer = json.loads(result.stdout)
+    answer = json.loads(output)
     assert answer == {"body": '{"order": 7}', "modules": []}
 
 
@@ -115,29 +122,13 @@ def test_a_fresh_workers_first_requests_do_no_io_on_the_event_loop(
     """Under uvicorn, from a fresh process: while its first audited requests are served,
     the loop's thread starts no process and makes no directory, lock, sync, open or
     listing (all of that happens on the writer thread); the records still arrive."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "apps" / "loop_probe.py"),
-            str(tmp_path / "spool"),
-            f"sqlite:///{tmp_path / 'audit.db'}",
-            "--lifespan",
-            lifespan,
-            "--requests",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env=environment(),
-        cwd=ROOT,
-        check=False,
+    output = run_python(
+        str(ROOT / "tests" / "apps" / "loop_probe.py"),
+        str(tmp_path / "spool"),
+        f"sqlite:///{tmp_path / 'audit.db'}",
+        *("--lifespan", lifespan, "--requests", "3"),
     )
-    assert result.returncode == 0, result.stderr
-    requests = json.loads(result.stdout)["requests"]
+    requests = json.loads(output)["requests"]
     assert requests == [[], [], []]
-    import sqlite3
-    from contextlib import closing
-
     with closing(sqlite3.connect(tmp_path / "audit.db")) as database:
         assert database.execute("SELECT count(*) FROM records").fetchone() == (3,)

@@ -87,6 +87,27 @@ def test_show_pretty_prints_and_raw_writes_exact_bytes(
     assert "bytes of binary; use --raw" in output
 
 
+def test_a_damaged_record_is_one_line_not_a_traceback(
+    populated: tuple[str, list[StoredRecord]], tmp_path: Path
+) -> None:
+    """Bytes in the sink that no longer decode (a damaged zstd body) make show and export
+    fail in one line naming the record, with exit status 1 and no traceback."""
+    import sqlite3
+
+    url, records = populated
+    damaged = records[0].id
+    with closing(sqlite3.connect(tmp_path / "audit.db")) as database, database:
+        database.execute(
+            "UPDATE records SET request_body = ?, request_encoding = 'zstd' WHERE id = ?",
+            (b"\x28\xb5\x2f\xfd not zstd at all", damaged),
+        )
+    for args in (["show", damaged], ["export", "--bodies"]):
+        code, output = run(*args, "--sink", url)
+        assert code == 1, output
+        assert len(output.strip().splitlines()) == 1 and output.startswith("Error: ")
+        assert damaged in output and "Traceback" not in output
+
+
 def test_show_unknown_id_and_missing_body_fail_in_one_line(
     populated: tuple[str, list[StoredRecord]],
 ) -> None:

@@ -9,6 +9,7 @@ import os
 import random
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -507,3 +508,34 @@ def test_a_large_spilled_body_is_streamed_into_its_own_frame(
     assert records[1].response == body
     assert frame_count(tmp_path / "spool") == 2
     assert peak < 16 << 20, f"the writer held {peak >> 20} MiB"
+
+
+def test_a_forked_child_starts_its_own_writer_and_stream(tmp_path: Path) -> None:
+    """After a fork (gunicorn's workers), the child's first exchange starts a writer of its
+    own on a stream of its own; the parent's writer goes on with the parent's stream."""
+    recorder = SpoolRecorder(tmp_path / "spool")
+    mw = audited(recorder)
+    run_all(mw, [b"parent-1"])
+    assert recorder.flush(timeout=30)
+    parent_stream = recorder.stream
+    with warnings.catch_warnings():  # Python 3.12+ warns about forking with threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: report through the exit code, never return into pytest
+        code = 1
+        try:
+            run_all(mw, [b"child"])
+            same = recorder.stream == parent_stream
+            code = 0 if recorder.shutdown(timeout=30) and not same else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    run_all(mw, [b"parent-2"])
+    assert recorder.shutdown(timeout=30)
+    assert recorder.stream == parent_stream
+    by_stream: dict[str, list[bytes]] = {}
+    for record in spooled(tmp_path / "spool"):
+        by_stream.setdefault(record.meta["stream"], []).append(record.request)
+    assert sorted(by_stream.values()) == [[b"child"], [b"parent-1", b"parent-2"]]
+    assert len(list(streams(tmp_path / "spool"))) == 2

@@ -14,7 +14,7 @@ from typing import Any
 MARKER = "[REDACTED]"
 
 Metadata = dict[str, Any]
-"""A record's metadata as the spool will hold it (see ``writer.exchange_metadata``)."""
+"""A record's metadata as the spool will hold it (see :mod:`.metadata`)."""
 Step = Callable[[Metadata], Metadata]
 """One redaction step: takes the record's metadata and returns it with secrets replaced."""
 

@@ -38,7 +38,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import orjson
 
@@ -49,6 +48,7 @@ from ..errors import RecorderClosed, SpoolError
 from . import packing
 from .frames import PACKED, RECORD_HEADER, encode_frame, frame_header, record_header
 from .handoff import RoomSignal, memory_weight
+from .metadata import exchange_metadata
 from .redact import Step, header_redactor, run_pipeline
 from .spool import SegmentWriter, spool_bytes
 
@@ -553,62 +553,3 @@ def _chunks(body: Body | None) -> list[bytes]:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _body_metadata(body: Body | None) -> dict[str, Any] | None:
-    if body is None:
-        return None
-    sent_path = body.sent_path
-    return {
-        "size": body.file_size() if sent_path is not None else body.size,
-        "sha256": body.known_sha256(),
-        "stored": not body.skipped and sent_path is None,
-        "truncated": body.truncated,
-        "skipped": body.skipped,
-        "complete": body.complete,
-        "sent_path": sent_path,
-    }
-
-
-def _headers(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in pairs]
-
-
-def exchange_metadata(exchange: Exchange) -> dict[str, Any]:
-    """The spool's metadata for one exchange (latin-1 header strings, ns integers)."""
-    client = exchange.client
-    return {
-        "schema": exchange.schema,
-        "id": exchange.id,
-        "stream": exchange.stream,
-        "level": exchange.level.word,
-        "method": exchange.method,
-        "scheme": exchange.scheme,
-        "host": exchange.host,
-        "path": exchange.path,
-        "query": exchange.query.decode("latin-1"),
-        "http_version": exchange.http_version,
-        "route": exchange.route,
-        "client_host": client[0] if client else None,
-        "client_port": client[1] if client else None,
-        "started_at_ns": exchange.started_at_ns,
-        "response_started_at_ns": exchange.response_started_at_ns,
-        "duration_ns": exchange.duration_ns,
-        "status": exchange.status,
-        "outcome": exchange.outcome,
-        "error": exchange.error,
-        "correlation_id": exchange.correlation_id,
-        "trace_id": exchange.trace_id,
-        "service": exchange.service,
-        "pod": exchange.pod,
-        "namespace": exchange.namespace,
-        "node": exchange.node,
-        "request_headers": _headers(exchange.request_headers),
-        "response_headers": _headers(exchange.response_headers),
-        "response_trailers": _headers(exchange.response_trailers),
-        "redacted_headers": [],
-        "request_size": exchange.request_size,
-        "response_size": exchange.response_size,
-        "request_body": _body_metadata(exchange.request_body),
-        "response_body": _body_metadata(exchange.response_body),
-    }

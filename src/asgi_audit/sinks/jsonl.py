@@ -51,7 +51,7 @@ _Candidate = tuple[tuple[int, str], StoredRecord, Path, int]
 
 
 class JsonlSink:
-    """Sink and Reader over a directory of daily JSON Lines files."""
+    """A sink over a directory of daily JSON Lines files."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)

@@ -37,7 +37,7 @@ def _records_named(name: str) -> _Records:
 
 
 class MemorySink:
-    """Sink and Reader over a dict by id; named sinks outlive their instances."""
+    """A sink over a dict by id; named sinks outlive their instances."""
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name

@@ -23,7 +23,7 @@ from ..recording import packing
 from .protocols import Query
 from .record import StoredRecord, json_text, kept_bytes
 
-STORE_SCHEMA_VERSION = 1
+LAYOUT_VERSION = 1
 """Version of the SQL sinks' table layout (not of the record schema, which the JSON
 carries); a sink refuses a table or file of a newer layout."""
 
@@ -247,5 +247,5 @@ def newer_layout(what: str, found: int) -> str:
     """The message refusing ``what`` (a file, a table) of layout version ``found``."""
     return (
         f"{what} has layout version {found}, newer than this asgi-audit understands "
-        f"({STORE_SCHEMA_VERSION}); upgrade asgi-audit"
+        f"({LAYOUT_VERSION}); upgrade asgi-audit"
     )

@@ -147,7 +147,7 @@ def _conninfo(url: str, libpq_url: str) -> str:
 
 
 class PostgresSink:
-    """Sink and Reader over one partitioned table (see the module docstring for the choices).
+    """A sink over one partitioned table (see the module docstring for the choices).
 
     ``create=False`` (readers such as the CLI) refuses a table that does not exist rather
     than creating an empty one under a mistyped name, and creates no partitions."""
@@ -204,7 +204,7 @@ class PostgresSink:
         if pool is not None:
             pool.close()
 
-    # Reader -------------------------------------------------------------------------
+    # Queries -------------------------------------------------------------------------
 
     def search(self, query: Query) -> Iterator[StoredRecord]:
         self._check_open()
@@ -356,7 +356,7 @@ class PostgresSink:
         return None if row is None or row[0] is None else int(row[0])
 
     def _migrate(self, connection: Connection, version: int) -> None:
-        if version > shared.STORE_SCHEMA_VERSION:
+        if version > shared.LAYOUT_VERSION:
             raise SinkError(f"{self!r}: " + shared.newer_layout(f"table {self.table!r}", version))
         if version == 0:
             taken = connection.execute("SELECT to_regclass(%s)", (self.table,)).fetchone()
@@ -372,7 +372,7 @@ class PostgresSink:
                     " applied_at timestamptz NOT NULL DEFAULT now())"
                 ).format(**self._names)
             )
-        for target in range(version + 1, shared.STORE_SCHEMA_VERSION + 1):
+        for target in range(version + 1, shared.LAYOUT_VERSION + 1):
             for statement in _MIGRATIONS[target]:
                 connection.execute(sql.SQL(statement).format(**self._names))
             connection.execute(

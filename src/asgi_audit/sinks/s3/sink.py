@@ -69,7 +69,7 @@ list which days (then hours) exist, so a query since 1970 costs a few calls, not
 
 
 class S3Sink:
-    """Sink and Reader over a bucket and prefix (see the package docstring for the layout)."""
+    """A sink over a bucket and prefix (see the package docstring for the layout)."""
 
     keeps_packed = True
     """Bodies the spool packed are stored as they are (see ``Sink.write_batch``)."""

@@ -89,7 +89,7 @@ _INSERT = (
 
 
 class SqliteSink:
-    """Sink and Reader over one SQLite file (see the module docstring for the choices)."""
+    """A sink over one SQLite file (see the module docstring for the choices)."""
 
     keeps_packed = True
     """Bodies the spool packed are stored as they are (see ``Sink.write_batch``)."""
@@ -197,9 +197,9 @@ def _create_schema(connection: sqlite3.Connection, path: Path) -> None:
         if found is None:
             connection.execute(
                 "INSERT INTO schema_version (version, applied_at_ns) VALUES (?, ?)",
-                (sql.STORE_SCHEMA_VERSION, time.time_ns()),
+                (sql.LAYOUT_VERSION, time.time_ns()),
             )
-        elif found > sql.STORE_SCHEMA_VERSION:
+        elif found > sql.LAYOUT_VERSION:
             raise ConfigError("sink", sql.newer_layout(f"SQLite file {os.fspath(path)!r}", found))
         connection.execute("COMMIT")
     except BaseException:
