@@ -56,6 +56,19 @@ def test_fastapi_helpers_are_pinned() -> None:
     assert asgi_audit.fastapi.audited is asgi_audit.audited
 
 
+def test_sinks_registry_exports_are_pinned() -> None:
+    """asgi_audit.sinks offers the registry, the protocols and the query, nothing else."""
+    assert sorted(asgi_audit.sinks.__all__) == [
+        "BatchWriter",
+        "DEFAULT_SINK_URL",
+        "KNOWN_SCHEMES",
+        "Query",
+        "Sink",
+        "check_sink_url",
+        "open_sink",
+    ]
+
+
 def test_package_version_stands_beside_all() -> None:
     """``__version__`` is public beside ``__all__``: the installed distribution's version."""
     assert asgi_audit.__version__ == importlib.metadata.version("asgi-audit")

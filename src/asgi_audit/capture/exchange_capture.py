@@ -23,6 +23,12 @@ from .settings import Settings
 from .tap import BodyTap
 
 
+class Roomy(Protocol):
+    """The part of a recorder a capture uses: waiting for room (``overflow="block"``)."""
+
+    async def room(self) -> None: ...
+
+
 class Host(Protocol):
     """What a capture needs from the middleware that made it."""
 
@@ -42,7 +48,8 @@ class Host(Protocol):
 
     def hand_off_now(self, exchange: Exchange) -> None: ...
 
-    async def room(self) -> None: ...
+    @property
+    def recorder(self) -> Roomy: ...
 
 
 def max_level(rule: Rule) -> Level:
@@ -196,7 +203,7 @@ class ExchangeCapture:
                 # it would let finished exchanges pile up without bound. A recorder that
                 # fails here fails again at the hand-off, which counts it.
                 with contextlib.suppress(Exception):
-                    await self.mw.room()
+                    await self.mw.recorder.room()
         try:
             await self._send(message)
         except OSError:

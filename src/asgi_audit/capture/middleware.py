@@ -209,10 +209,6 @@ class AuditMiddleware:
     def __repr__(self) -> str:
         return f"AuditMiddleware({self.policy!r}, recorder={self.recorder!r})"
 
-    async def room(self) -> None:
-        """Return once the recorder may take an exchange again."""
-        await self.recorder.room()
-
     async def hand_off(self, exchange: Exchange) -> None:
         """Give a finished exchange to the recorder, applying the overflow policy."""
         try:
