@@ -44,7 +44,8 @@ class _Default(enum.Enum):
 DEFAULT = _Default.DEFAULT
 """Marks ``body_limit`` as not given, since ``None`` there means "no limit"."""
 
-_RECORDER_METHODS = ("try_submit", "room", "flush", "shutdown")
+_RECORDER_METHODS = tuple(name for name in vars(Recorder) if not name.startswith("_"))
+"""What a recorder passed in must have: the protocol's methods."""
 
 
 def _body_limit_argument(value: int | str | _Default | None) -> int | str | None:

@@ -114,10 +114,10 @@ class Settings:
 def load_settings(
     arguments: Mapping[str, Any],
     environ: Mapping[str, str],
-    check_sink: SinkCheck | None = None,
+    check_sink: SinkCheck,
 ) -> Settings:
     """Merge ``arguments`` (None means "not given") over the environment and validate;
-    ``check_sink`` checks the sink URL (without it, only that it is a URL)."""
+    ``check_sink`` checks the sink URL (the sinks' registry, passed in by the caller)."""
     merged = _from_environment(environ)
     merged.update({k: v for k, v in arguments.items() if v is not None})
     rules = merged.pop("rules", None)
@@ -134,9 +134,7 @@ def load_settings(
         ),
         spill_dir=_directory(merged.get("spill_dir")),
         service=_service(merged.get("service", "asgi")),
-        sink=(check_sink or _is_url)(
-            merged.get("sink", DEFAULT_SINK_URL), _name("sink", arguments)
-        ),
+        sink=check_sink(merged.get("sink", DEFAULT_SINK_URL), _name("sink", arguments)),
         spool=os.fspath(merged.get("spool", DEFAULT_SPOOL)),
         ship=cast(
             Ship, _choice(merged.get("ship", "process"), "ship", ("process", "thread", "off"))
@@ -152,12 +150,6 @@ def load_settings(
 
 def _name(key: str, arguments: Mapping[str, Any]) -> str:
     return key if arguments.get(key) is not None else ENV_PREFIX + _ENV_KEYS[key]
-
-
-def _is_url(value: object, parameter: str) -> str:
-    if not isinstance(value, str) or "://" not in value:
-        raise ConfigError(parameter, f"expected a URL such as {DEFAULT_SINK_URL!r} (got {value!r})")
-    return value
 
 
 def _header_names(value: Any) -> tuple[str, ...]:

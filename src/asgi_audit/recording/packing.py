@@ -30,17 +30,20 @@ MIN_SIZE = 256
 _local = threading.local()
 
 
-def _compressor() -> zstandard.ZstdCompressor:
-    # One per thread: zstandard's objects are not safe to share between threads.
-    compressor: zstandard.ZstdCompressor | None = getattr(_local, "compressor", None)
-    if compressor is None:
-        compressor = _local.compressor = zstandard.ZstdCompressor(
-            level=LEVEL, write_content_size=True
-        )
-    return compressor
+def compressor(level: int = LEVEL) -> zstandard.ZstdCompressor:
+    """This thread's zstd compressor at ``level``: zstandard's objects are not safe to
+    share between threads, and making one per call would cost more than small inputs."""
+    by_level: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "compressors", None)
+    if by_level is None:
+        by_level = _local.compressors = {}
+    found = by_level.get(level)
+    if found is None:
+        found = by_level[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return found
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
+def decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's zstd decompressor (see :func:`compressor`)."""
     decompressor: zstandard.ZstdDecompressor | None = getattr(_local, "decompressor", None)
     if decompressor is None:
         decompressor = _local.decompressor = zstandard.ZstdDecompressor()
@@ -51,7 +54,7 @@ def encode(data: bytes | None) -> tuple[bytes | None, Encoding]:
     """The bytes to store and their encoding."""
     if data is None or len(data) < MIN_SIZE:
         return data, "identity"
-    packed = _compressor().compress(data)
+    packed = compressor().compress(data)
     if len(packed) * 10 > len(data) * 9:
         return data, "identity"
     return packed, "zstd"
@@ -62,7 +65,7 @@ def pack(data: bytes) -> bytes | None:
     :func:`encode` would store for it."""
     if len(data) < MIN_SIZE:
         return None
-    packed = _compressor().compress(data)
+    packed = compressor().compress(data)
     return None if len(packed) * 10 > len(data) * 9 else packed
 
 
@@ -79,6 +82,6 @@ def decode(stored: bytes | None, encoding: str | None) -> bytes | None:
     if encoding != "zstd":
         raise CorruptRecord(f"unknown body encoding {encoding!r}")
     try:
-        return _decompressor().decompress(stored)
+        return decompressor().decompress(stored)
     except zstandard.ZstdError as exc:
         raise CorruptRecord(f"a zstd body cannot be unpacked ({exc})") from exc

@@ -317,7 +317,8 @@ class SpoolRecorder:
 
     def _open(self) -> SegmentWriter | None:
         """Open this process's stream (directory, writer lock, first segment), on the
-        writer thread; None when that fails, after saying why once per reason."""
+        writer thread; None when that fails, warning at the first failure and again once
+        the stream opens (the retries between are logged at debug level)."""
         writer = SegmentWriter(
             self.root, self.stream, segment_bytes=self.segment_bytes, segment_age=self.segment_age
         )

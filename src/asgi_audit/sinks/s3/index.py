@@ -28,6 +28,7 @@ from typing import Any
 import zstandard
 
 from ...errors import CorruptRecord
+from ...recording import packing
 from ..record import StoredRecord, json_text
 from .frames import Placed
 from .keys import hour_of
@@ -41,8 +42,6 @@ READ_CHUNK_BYTES = 16 << 20
 """A search with bodies fetches at most about this many bytes of frames at a time."""
 READ_GAP_BYTES = 256 << 10
 """Frames of one data object at most this far apart are fetched by one ranged GET."""
-
-_local = threading.local()
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +103,7 @@ def encode_indexes(
         entry = {"offset": start, "length": length, "record": meta}
         by_hour.setdefault(hour_of(meta["started_at_ns"]), []).append(entry)
     return {
-        hour: _compress(
+        hour: packing.compressor(INDEX_LEVEL).compress(
             json_text(
                 {
                     "format": INDEX_FORMAT,
@@ -125,7 +124,7 @@ def decode_index(raw: bytes, root: str, source: str) -> list[IndexEntry]:
     """The entries of an index object, their data keys under ``root`` (the prefix);
     :class:`CorruptRecord` naming ``source`` when it cannot be read."""
     try:
-        index = json.loads(_decompress(raw))
+        index = json.loads(packing.decompressor().decompress(raw))
     except (zstandard.ZstdError, ValueError) as exc:
         raise CorruptRecord(f"{source} cannot be read: {exc}") from exc
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
@@ -178,18 +177,3 @@ def ranged_runs(
         end = max(end, entry.offset + entry.length) if len(run) > 1 else entry.offset + entry.length
     if run:
         yield run
-
-
-def _compress(data: bytes) -> bytes:
-    # One compressor per thread: zstandard's objects must not be shared between threads.
-    compressor: zstandard.ZstdCompressor | None = getattr(_local, "compressor", None)
-    if compressor is None:
-        compressor = _local.compressor = zstandard.ZstdCompressor(level=INDEX_LEVEL)
-    return compressor.compress(data)
-
-
-def _decompress(data: bytes) -> bytes:
-    decompressor: zstandard.ZstdDecompressor | None = getattr(_local, "decompressor", None)
-    if decompressor is None:
-        decompressor = _local.decompressor = zstandard.ZstdDecompressor()
-    return decompressor.decompress(data)
