@@ -12,6 +12,7 @@ one kind of failure, so that a caller can tell them apart:
     ├── SpoolError                       the local spool cannot be written or read
     ├── ShippingStopped                  delivery was asked to stop before a batch was taken
     └── SinkError                        a sink cannot take or give records right now
+        ├── RecordRefused                the sink refuses what a record holds (no retry helps)
         └── CorruptRecord                bytes a sink holds cannot be decoded
 """
 
@@ -53,3 +54,9 @@ class SinkError(AuditError):
 class CorruptRecord(SinkError):
     """Bytes a sink holds cannot be decoded into a record (damaged, or written by an
     unknown version); the message says where."""
+
+
+class RecordRefused(SinkError):
+    """The sink refused a batch for what its records hold (a value it cannot index or
+    store), not because it is unreachable: sending the same batch again would fail again.
+    The shipper splits such a batch to find the records at fault and quarantines them."""

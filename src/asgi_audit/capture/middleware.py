@@ -88,6 +88,8 @@ class AuditMiddleware:
         redact_headers: Iterable[str] | None = None,
         shutdown_timeout: float | None = None,
         spool_limit: int | str | None = None,
+        mode: str | None = None,
+        spill_limit: int | str | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.app = app
@@ -113,6 +115,8 @@ class AuditMiddleware:
             "redact_headers": None if redact_headers is None else list(redact_headers),
             "shutdown_timeout": shutdown_timeout,
             "spool_limit": spool_limit,
+            "mode": mode,
+            "spill_limit": spill_limit,
         }
         # The hand-off to the durable path: a sink URL is checked by its own kind of
         # sink (the registry), and the recorder built, without importing any sink here.

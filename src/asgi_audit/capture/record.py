@@ -14,7 +14,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -223,6 +223,10 @@ class Exchange:
     namespace: str | None = None
     node: str | None = None
     schema: int = SCHEMA_VERSION
+    on_written: Callable[[bool], None] | None = None
+    """Not part of the record: called by the recorder, on its own thread, once the record
+    is kept as durably as its policy promises (True) or cannot be (False); how the
+    ``blocking`` modes hold a response's last message."""
 
     @property
     def duration_ns(self) -> int:

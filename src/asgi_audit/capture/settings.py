@@ -29,6 +29,14 @@ FsyncPolicy = Literal["always", "batch", "off"]
 """When the spool writer syncs: every record, every batch window, or never (the kernel)."""
 Overflow = Literal["block", "drop"]
 """What a full recorder does to the next exchanges: hold their last message, or drop them."""
+Mode = Literal["batch", "blocking", "blocking-strict"]
+"""When a response may finish: at once, the record following in the next batch
+(``batch``); once its record is in the spool (``blocking``); or, when the record cannot be
+written, never: the connection is closed instead (``blocking-strict``)."""
+MODES: tuple[Mode, ...] = ("batch", "blocking", "blocking-strict")
+SPILL_FOLDER = "spill"
+"""Spill files live in this folder of the spool unless ``spill_dir`` says otherwise."""
+UNLIMITED = 1 << 62
 
 DEFAULT_SINK_URL = "sqlite:///asgi-audit.db"
 DEFAULT_SECRET_HEADERS = (
@@ -69,6 +77,8 @@ _ENV_KEYS = {
     "redact_headers": "REDACT_HEADERS",
     "shutdown_timeout": "SHUTDOWN_TIMEOUT",
     "spool_limit": "SPOOL_LIMIT",
+    "mode": "MODE",
+    "spill_limit": "SPILL_LIMIT",
 }
 _LIST_KEYS = frozenset({"routes", "methods", "exclude", "statuses", "redact_headers"})
 DEFAULT_SPOOL = "asgi-audit-spool"
@@ -100,7 +110,7 @@ class Settings:
     body_limit: int | None
     over_limit: OverLimit
     overflow: Overflow
-    spill_dir: str | None
+    spill_dir: str
     service: str
     sink: str
     spool: str
@@ -109,6 +119,10 @@ class Settings:
     redact_headers: tuple[str, ...]
     shutdown_timeout: float
     spool_limit: int | None
+    mode: Mode = "batch"
+    spill_limit: int | None = None
+    """Bytes that spill files may hold at once; None: a quarter of the spill folder's
+    free space, measured when the first body spills."""
 
 
 def load_settings(
@@ -121,6 +135,7 @@ def load_settings(
     merged = _from_environment(environ)
     merged.update({k: v for k, v in arguments.items() if v is not None})
     rules = merged.pop("rules", None)
+    spool = os.fspath(merged.get("spool", DEFAULT_SPOOL))
     return Settings(
         policy=_policy(merged, rules),
         memory_limit=_size(merged.get("memory_limit", DEFAULT_MEMORY_LIMIT), "memory_limit"),
@@ -132,10 +147,10 @@ def load_settings(
         overflow=cast(
             Overflow, _choice(merged.get("overflow", "block"), "overflow", ("block", "drop"))
         ),
-        spill_dir=_directory(merged.get("spill_dir")),
+        spill_dir=_directory(merged.get("spill_dir")) or os.path.join(spool, SPILL_FOLDER),
         service=_service(merged.get("service", "asgi")),
         sink=check_sink(merged.get("sink", DEFAULT_SINK_URL), _name("sink", arguments)),
-        spool=os.fspath(merged.get("spool", DEFAULT_SPOOL)),
+        spool=spool,
         ship=cast(
             Ship, _choice(merged.get("ship", "process"), "ship", ("process", "thread", "off"))
         ),
@@ -145,7 +160,16 @@ def load_settings(
         redact_headers=_header_names(merged.get("redact_headers", DEFAULT_SECRET_HEADERS)),
         shutdown_timeout=_seconds(merged.get("shutdown_timeout", 20.0), "shutdown_timeout"),
         spool_limit=_optional_size(merged.get("spool_limit", "unlimited"), "spool_limit"),
+        mode=cast(Mode, _choice(merged.get("mode", "batch"), "mode", MODES)),
+        spill_limit=_spill_limit(merged.get("spill_limit", "auto")),
     )
+
+
+def _spill_limit(value: Any) -> int | None:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    limit = _optional_size(value, "spill_limit")
+    return UNLIMITED if limit is None else limit
 
 
 def _name(key: str, arguments: Mapping[str, Any]) -> str:

@@ -113,6 +113,8 @@ class SpillJob:
 
     def _write(self, parts: list[bytes]) -> None:
         if self._fd < 0:
+            if self._dir is not None:
+                os.makedirs(self._dir, mode=0o700, exist_ok=True)
             self._fd, self.path = tempfile.mkstemp(
                 prefix="asgi-audit-", suffix=".body", dir=self._dir
             )
