@@ -59,4 +59,9 @@ class CorruptRecord(SinkError):
 class RecordRefused(SinkError):
     """The sink refused a batch for what its records hold (a value it cannot index or
     store), not because it is unreachable: sending the same batch again would fail again.
-    The shipper splits such a batch to find the records at fault and quarantines them."""
+    The shipper splits such a batch to find the records at fault and quarantines them;
+    ``ids`` names them when the sink knows which (then no split is needed)."""
+
+    def __init__(self, message: str, *, ids: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.ids = ids
