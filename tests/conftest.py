@@ -21,6 +21,19 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def _own_working_directory(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run each test in an empty working directory of its own.
+
+    Default settings put the spool (spill files included) and the SQLite sink in the
+    working directory, which is the repository's checkout, and many tests pass an explicit
+    ``environ``, so a variable could not redirect them. Not ``tmp_path``: tests that list
+    it expect only what they made there. Subprocesses choose their own ``cwd``."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture
 def recorder() -> Iterator[MemoryRecorder]:
     """An in-memory recorder whose leftover spill files are removed after the test."""

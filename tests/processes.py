@@ -43,6 +43,8 @@ class Server:
     workers: int = 1
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    """Where the server's (and its shipper's) stderr goes; inherited when None."""
 
     @property
     def url(self) -> str:
@@ -63,7 +65,12 @@ class Server:
         ]
         if self.workers > 1:
             command += ["--workers", str(self.workers)]
-        self.process = subprocess.Popen(command, env=dict(self.env), cwd=ROOT)
+        stderr = None if self.log is None else open(self.log, "ab")  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(command, env=dict(self.env), cwd=ROOT, stderr=stderr)
+        finally:
+            if stderr is not None:
+                stderr.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -90,8 +97,8 @@ class Server:
 
 
 @contextlib.contextmanager
-def serving(env: Mapping[str, str], workers: int = 1) -> Iterator[Server]:
-    server = Server(env, workers).start()
+def serving(env: Mapping[str, str], workers: int = 1, log: Path | None = None) -> Iterator[Server]:
+    server = Server(env, workers, log=log).start()
     try:
         yield server
     finally:

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from asgi_audit.capture.levels import Level
+from asgi_audit.capture.record import Body, Exchange, new_record_id
 from asgi_audit.recording.frames import Frame, SpooledRecord, Tail, decode_payload, read_frames
 from asgi_audit.recording.spool import streams
 from asgi_audit.sinks.record import StoredRecord
@@ -31,6 +33,73 @@ def spooled(root: Path) -> list[SpooledRecord]:
                 else:
                     assert item.reason == "end", item
     return found
+
+
+def spooled_ids(root: Path) -> list[str]:
+    """The id of every record the spool holds, in order, duplicates included; damaged
+    stretches (a sealed segment whose unsynced pages were lost) are skipped, as the
+    shipper skips them."""
+    found: list[str] = []
+    for stream in streams(root):
+        for segment in stream.segments():
+            for item in read_frames(stream.directory / segment):
+                if isinstance(item, Frame):
+                    found.extend(r.meta["id"] for r in decode_payload(item.payload))
+    return found
+
+
+def exchange(
+    request: bytes = b"",
+    response: bytes = b"",
+    *,
+    on_written: Callable[[bool], None] | None = None,
+    request_body: Body | None = None,
+) -> Exchange:
+    """A finished exchange built directly (no middleware): in-memory bodies, a fresh id."""
+    return Exchange(
+        id=new_record_id(),
+        stream="test",
+        level=Level.REQUEST_RESPONSE,
+        method="POST",
+        scheme="http",
+        host="test",
+        path="/orders",
+        query=b"",
+        http_version="1.1",
+        client=None,
+        request_headers=[],
+        started_at_ns=time.time_ns(),
+        started_mono_ns=time.monotonic_ns(),
+        status=200,
+        ended_mono_ns=time.monotonic_ns(),
+        request_body=request_body or Body(size=len(request), complete=True, chunks=[request]),
+        response_body=Body(size=len(response), complete=True, chunks=[response]),
+        request_size=len(request),
+        response_size=len(response),
+        on_written=on_written,
+    )
+
+
+class Outcomes:
+    """Collects what ``on_written`` says for each exchange, from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls: dict[str, list[bool]] = {}
+
+    def callback(self, exchange_id: str) -> Callable[[bool], None]:
+        def written(kept: bool) -> None:
+            with self._lock:
+                self.calls.setdefault(exchange_id, []).append(kept)
+
+        return written
+
+    def exchange(
+        self, request: bytes = b"", response: bytes = b"", request_body: Body | None = None
+    ) -> Exchange:
+        made = exchange(request, response, request_body=request_body)
+        made.on_written = self.callback(made.id)
+        return made
 
 
 def frame_count(root: Path) -> int:

@@ -131,7 +131,7 @@ def test_any_chunking_is_forwarded_untouched_and_recorded_exactly(
         finally:
             exchange.discard()
         drain_worker()
-        assert os.listdir(spill_dir) == []
+        assert list(Path(spill_dir).rglob("*.body")) == []
 
 
 # --- body shapes ----------------------------------------------------------------------------
@@ -175,11 +175,11 @@ def test_one_50_mb_chunk_each_way_spills_and_is_exact(
     for body in (exchange.request_body, exchange.response_body):
         check_body(body, data)
         assert body is not None and body.memory_size == 0
-        assert body.spill_path is not None and Path(body.spill_path).parent == tmp_path
+        assert body.spill_path is not None and Path(body.spill_path).parent.parent == tmp_path
     recorder.take_all()
     exchange.discard()
     drain_worker()
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.rglob("*.body")) == []
 
 
 def test_one_50_mb_chunk_is_truncated_at_the_body_limit(

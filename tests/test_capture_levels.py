@@ -62,7 +62,7 @@ def test_status_filter_keeps_bodies_only_for_listed_statuses(
         assert exchange.level is Level.METADATA
         assert (exchange.request_body, exchange.response_body) == (None, None)
         drain_worker()
-        assert list(tmp_path.iterdir()) == []
+        assert list(tmp_path.rglob("*.body")) == []
 
 
 def _route(template: str) -> SimpleNamespace:
@@ -115,7 +115,7 @@ def test_route_template_rule_rejects_other_routes_with_the_same_prefix(
     assert len(recorder) == 0
     assert [m["type"] for m in client.sent] == ["http.response.start", "http.response.body"]
     drain_worker()
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.rglob("*.body")) == []
 
 
 def test_route_known_only_at_response_start_still_keeps_the_request_body(

@@ -1,19 +1,29 @@
 """A failing spill worker never reaches the app.
 
 Spilling a body to disk happens on a shared worker thread; when that worker lags, the app's
-receive slows down to wait for it, and when its writes fail, the app never sees an error.
+receive slows down to wait for it, and when its writes fail, the app never sees an error:
+the body is recorded without its bytes, saying why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 from pathlib import Path
 
 import pytest
 
 from asgi_audit import MemoryRecorder
-from harness import Client, ReplayApp, http_scope, middleware, request, response, same_objects
+from harness import (
+    Client,
+    ReplayApp,
+    http_scope,
+    middleware,
+    request,
+    response,
+    same_objects,
+)
 
 
 @pytest.mark.timeout(30)
@@ -27,7 +37,8 @@ def test_backlogged_spill_that_fails_does_not_reach_the_app(
     incoming = request(*[chunk] * 12)
     app = ReplayApp(response(b"ok"))
     audited = middleware(app, recorder, memory_limit=0, body_limit=None, spill_dir=spill_dir)
-    spill_dir.rmdir()  # every spill write now fails on the worker
+    spill_dir.rmdir()
+    spill_dir.write_bytes(b"")  # not a directory: every spill on the worker now fails
 
     async def main() -> None:
         client = Client(incoming)
@@ -41,5 +52,13 @@ def test_backlogged_spill_that_fails_does_not_reach_the_app(
 
     asyncio.run(main())
     assert same_objects(app.received, incoming)
-    for exchange in recorder.take_all():
+    [exchange] = recorder.take_all()
+    try:
+        body = exchange.request_body  # recorded without its bytes, size and digest exact
+        assert body is not None
+        assert body.sha256() == hashlib.sha256(chunk * 12).hexdigest()  # worker done
+        assert (body.size, body.skipped, body.read()) == (12 * len(chunk), True, b"")
+        assert body._job is not None and body._job.error is not None
+        assert body._job.error.startswith("ENOTDIR")
+    finally:
         exchange.discard()

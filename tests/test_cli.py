@@ -74,10 +74,14 @@ def test_ls_lists_newest_first_with_filters(populated: tuple[str, list[StoredRec
 def test_show_pretty_prints_and_raw_writes_exact_bytes(
     populated: tuple[str, list[StoredRecord]],
 ) -> None:
-    """show prints headers and indented JSON; --raw writes exactly the stored bytes."""
+    """show prints where the exchange came from, headers and indented JSON; --raw writes
+    exactly the stored bytes."""
     url, records = populated
     code, output = run("show", records[0].id, "--sink", url)
     assert code == 0
+    assert "host api.example.test  query verbose=1  https HTTP/1.1" in output
+    assert "client 10.0.0.7:51234" in output
+    assert "service orders  pod orders-7f9c  namespace shop  node node-1" in output
     assert "content-type: application/json" in output
     assert '"order": 0' in output
     result = CliRunner().invoke(main, ["show", records[4].id, "--sink", url, "--raw", "request"])

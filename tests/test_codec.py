@@ -1,4 +1,5 @@
-"""Spool framing: records round-trip exactly; a torn or damaged tail is found and located."""
+"""Spool framing: records round-trip exactly; a torn or damaged tail is found and located
+(damage in the middle of a segment: test_frames.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from asgi_audit.recording import packing
 from asgi_audit.recording.frames import (
     FRAME_HEADER,
     PACKED,
+    Damage,
     Frame,
     SpooledRecord,
     Tail,
@@ -125,8 +127,10 @@ def test_every_cut_of_the_last_frame_is_torn_at_its_offset(
                 assert list(decode_payload(frame.payload)) == expected(batch)
 
 
-def test_a_flipped_payload_byte_is_corrupt(tmp_path: Path) -> None:
-    """A changed byte inside a frame's payload fails its checksum: corrupt at that frame."""
+def test_a_flipped_payload_byte_costs_that_frame_only(tmp_path: Path) -> None:
+    """A changed byte inside a frame's payload fails its checksum: that frame is reported
+    as damage and skipped by its (verified) length; the last frame damaged is a corrupt
+    tail (see test_frames.py for damage anywhere)."""
     path = tmp_path / "1.seg"
     batches = [[({"n": i}, [b"request %d" % i], [b"response %d" % i])] for i in range(3)]
     offsets = write_frames(path, batches)
@@ -135,9 +139,18 @@ def test_a_flipped_payload_byte_is_corrupt(tmp_path: Path) -> None:
         damaged = bytearray(whole)
         damaged[position] ^= 0x01
         path.write_bytes(bytes(damaged))
+        items = list(read_frames(path))
+        assert [type(i) for i in items] == [Frame, Damage, Frame, Tail], position
+        assert items[1] == Damage(offsets[1], offsets[2], "frame payload fails its checksum")
+        assert [i.offset for i in items if isinstance(i, Frame)] == [offsets[0], offsets[2]]
+        assert items[3] == Tail(offsets[3], "end")
+    for position in range(offsets[2] + FRAME_HEADER.size, offsets[3]):
+        damaged = bytearray(whole)
+        damaged[position] ^= 0x01
+        path.write_bytes(bytes(damaged))
         found, tail = read_all(path)
-        assert tail == Tail(offsets[1], "corrupt"), position
-        assert [f.offset for f in found] == [offsets[0]]
+        assert tail == Tail(offsets[2], "corrupt"), position
+        assert [f.offset for f in found] == offsets[:2]
 
 
 @pytest.mark.parametrize("position", [0, 1, 2, 3])
@@ -153,12 +166,14 @@ def test_bad_magic_is_corrupt(tmp_path: Path, position: int) -> None:
     assert len(found) == 1
 
 
-def test_a_flipped_checksum_byte_is_corrupt(tmp_path: Path) -> None:
-    """The checksum field itself changed: the frame no longer verifies."""
+@pytest.mark.parametrize("position", [5, 11, 12, 15, 16, 19])
+def test_a_flipped_length_or_checksum_byte_is_corrupt(tmp_path: Path, position: int) -> None:
+    """The length (covered by the header's checksum) or a checksum field itself changed:
+    the frame no longer verifies."""
     path = tmp_path / "1.seg"
     write_frames(path, [[({"a": 1}, [b"x"], [b"y"])]])
     whole = bytearray(path.read_bytes())
-    whole[5] ^= 0x10
+    whole[position] ^= 0x10
     path.write_bytes(bytes(whole))
     assert read_all(path) == ([], Tail(0, "corrupt"))
 

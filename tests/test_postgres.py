@@ -6,6 +6,7 @@ version, and URL mistakes caught before anything connects."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 import time
@@ -21,8 +22,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from asgi_audit.capture.settings import load_settings
 from asgi_audit.cli import main
-from asgi_audit.errors import ConfigError, SinkError
-from asgi_audit.sinks import Query, check_sink_url, open_sink
+from asgi_audit.errors import ConfigError, RecordRefused, SinkError
+from asgi_audit.sinks import Query, check_sink_url, open_sink, registry
 from asgi_audit.sinks.postgres.sink import DAY_NS, PostgresSink
 from asgi_audit.sinks.postgres.url import LIBPQ_KEYWORDS, libpq_options
 from asgi_audit.sinks.record import StoredRecord
@@ -301,6 +302,71 @@ def test_unreachable_server_is_a_sink_error_soon(make: Records) -> None:
     message = str(caught.value)
     assert "refused" in message.lower() or "connect" in message.lower()
     assert "s3cret" not in message and "***" in message
+    assert not isinstance(caught.value, RecordRefused)  # an outage: retried
+
+
+SECRET = "pw-Sekr1t-value"
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry warns once per process and kind: forget earlier tests' warnings."""
+    monkeypatch.setattr(registry, "_warned", set())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://asgi_audit_nobody:{SECRET}@127.0.0.1:5432/test?table=t",
+        f"postgresql://asgi_audit_nobody@127.0.0.1:5432/test?password={SECRET}&table=t",
+        f"postgresql://asgi_audit_nobody:{SECRET}@127.0.0.1:1/test?connect_timeout=2",
+    ],
+)
+def test_no_password_in_errors_or_logs(
+    url: str, make: Records, caplog: pytest.LogCaptureFixture, fresh_warnings: None
+) -> None:
+    """A refused login (no such role) or no server at all: the SinkError, its cause chain
+    and every log line (the registry's, the pool's) show no password; opening warns once
+    that the URL carries one, naming where else libpq finds it."""
+    with caplog.at_level(logging.DEBUG):
+        with contextlib.closing(open_sink(url)) as store, pytest.raises(SinkError) as caught:
+            store.write_batch([make()])
+        open_sink(url).close()
+    assert not isinstance(caught.value, RecordRefused)
+    texts = [str(caught.value), repr(caught.value), *(r.getMessage() for r in caplog.records)]
+    assert all(SECRET not in text for text in texts), texts
+    warnings = [r for r in caplog.records if r.name == "asgi_audit.sinks"]
+    assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING
+    for alternative in ("PGPASSWORD", "~/.pgpass", "PGPASSFILE", "service file"):
+        assert alternative in warnings[0].getMessage()
+    assert "***" in warnings[0].getMessage()
+
+
+def test_a_url_without_a_password_warns_nothing(
+    caplog: pytest.LogCaptureFixture, fresh_warnings: None
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="asgi_audit.sinks"):
+        open_sink("postgresql://audit@127.0.0.1:5432/test?sslmode=prefer").close()
+    assert [r for r in caplog.records if r.name == "asgi_audit.sinks"] == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://u:{SECRET}@db/audit?table=Bad",
+        f"postgresql://db/audit?password={SECRET}&tabel=x",
+        f"postgresql://db/audit?sslpassword={SECRET}&port=x",
+        f"postgresql://db/audit?oauth_client_secret={SECRET}&table=1",
+    ],
+)
+def test_no_password_when_the_url_is_refused(
+    url: str, caplog: pytest.LogCaptureFixture, fresh_warnings: None
+) -> None:
+    with caplog.at_level(logging.DEBUG), pytest.raises(ConfigError) as caught:
+        open_sink(url)
+    assert SECRET not in str(caught.value)
+    assert all(SECRET not in r.getMessage() for r in caplog.records)
 
 
 # Layout --------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -20,11 +21,12 @@ import pytest
 import zstandard
 
 from asgi_audit import AuditMiddleware
+from asgi_audit._urls import inline_secret
 from asgi_audit.capture.record import new_record_id
 from asgi_audit.errors import ConfigError, CorruptRecord, SinkError
 from asgi_audit.recording.writer import SpoolRecorder
 from asgi_audit.shipping.shipper import Shipper
-from asgi_audit.sinks import Query, open_sink
+from asgi_audit.sinks import Query, open_sink, registry
 from asgi_audit.sinks.record import StoredRecord
 from asgi_audit.sinks.s3 import check_url
 from asgi_audit.sinks.s3.frames import decode_record_frame, encode_record_frame
@@ -579,6 +581,7 @@ def test_url_options_are_read() -> None:
         ("s3://bucket/p?object_lock=governance", "go together"),
         ("s3://bucket/p?retain_days=3", "go together"),
         ("s3://bucket/p?object_lock=governance&retain_days=0", "whole number >= 1"),
+        (f"s3://bucket/{'p' * 257}", "more than 256 bytes"),
     ],
 )
 def test_bad_urls_are_config_errors(url: str, message: str) -> None:
@@ -586,6 +589,38 @@ def test_bad_urls_are_config_errors(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as caught:
         open_sink(url)
     assert caught.value.parameter == "sink"
+
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"s3://audit/x?secret_key={SECRET}&region=us-east-1",
+        f"s3://audit/x?aws_secret_access_key={SECRET}",
+        f"s3://AKIAEXAMPLE:{SECRET}@audit/x",
+        f"s3://audit/x?endpoint_url=https://AKIAEXAMPLE:{SECRET}@minio.local:9000",
+        f"s3://audit/x?region=us-east-1#{SECRET}",
+        f"s3://audit/x?session_token={SECRET}&session_token=again",
+    ],
+)
+def test_secrets_in_an_s3_url_are_refused_and_never_shown(
+    url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials in the URL are refused (boto3 finds them in AWS_* or a credentials
+    file); neither the error nor the one warning shows them, and the warning names the
+    alternatives."""
+    monkeypatch.setattr(registry, "_warned", set())
+    with caplog.at_level(logging.DEBUG), pytest.raises(ConfigError) as caught:
+        open_sink(url)
+    texts = [str(caught.value), *(r.getMessage() for r in caplog.records)]
+    assert all(SECRET not in text for text in texts), texts
+    warnings = [r.getMessage() for r in caplog.records if r.name == "asgi_audit.sinks"]
+    if inline_secret(url):  # not the fragment, nor a password inside endpoint_url's value
+        (warning,) = warnings
+        for alternative in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "credentials file"):
+            assert alternative in warning
 
 
 def test_middleware_accepts_an_s3_sink_and_checks_its_url_at_start_up() -> None:

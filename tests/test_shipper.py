@@ -153,7 +153,8 @@ def test_checkpoint_advances_and_a_second_pass_delivers_nothing(
 def test_a_failing_sink_is_retried_with_backoff(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A sink failing its first calls gets the batch again; each record is stored once."""
+    """A sink failing its first calls gets the batch again; each record is stored once;
+    the failures are logged once (not once per retry), and the recovery too."""
     spool = tmp_path / "spool"
     data = bodies(6, seed=1)
     dead_spool(spool, data)
@@ -163,7 +164,8 @@ def test_a_failing_sink_is_retried_with_backoff(
         report = shipper.ship_once()
     assert report.delivered == 6
     assert sink.calls == 4 and shipper.failures == 3
-    assert caplog.text.count("sink refused") == 3
+    assert caplog.text.count("the sink cannot take 6 records") == 1
+    assert "takes records again after 3 failures" in caplog.text
     check_delivered(sink.records, data)
 
 
@@ -474,14 +476,16 @@ def test_shipper_process_ships_and_exits_cleanly(
 
 
 def test_shipper_process_defers_to_a_lock_holder(tmp_path: Path) -> None:
-    """With the spool's shipper lock held (a sidecar), no child is started."""
+    """With the spool's shipper lock held (a sidecar), the child waits for it: it opens
+    no sink, and stops cleanly when asked."""
     lock = ShipperLock(tmp_path)
     assert lock.acquire()
     try:
         child = ShipperProcess(tmp_path, f"sqlite:///{tmp_path / 'audit.db'}")
         child.start()
-        assert child.process is None
-        assert child.stop(1)
+        time.sleep(1.0)
+        assert child.running()
+        assert child.stop(2)
     finally:
         lock.release()
     assert not os.path.exists(tmp_path / "audit.db")
@@ -514,9 +518,11 @@ def test_shipper_process_stopped_right_after_start_still_makes_its_last_pass(
 SHIP = [sys.executable, "-m", "asgi_audit", "ship"]
 
 
-def test_a_standby_child_exits_cleanly_when_the_lock_is_taken(tmp_path: Path) -> None:
-    """A child shipper that finds the spool's lock taken exits 0 at once, with nothing on
-    stderr (its stdin watcher must not abort the interpreter at exit)."""
+def test_a_standby_child_waits_for_the_lock_and_exits_cleanly(tmp_path: Path) -> None:
+    """A child shipper that finds the spool's lock taken waits for it (the holder may be
+    a stopping process's shipper); asked to stop, it waits until its drain deadline, then
+    exits 0 saying who delivers, with no other output (its stdin watcher must not abort
+    the interpreter at exit)."""
     import subprocess
 
     lock = ShipperLock(tmp_path)
@@ -530,14 +536,17 @@ def test_a_standby_child_exits_cleanly_when_the_lock_is_taken(tmp_path: Path) ->
                 stderr=subprocess.PIPE,
                 env=environment,
             )
-            # stdin stays open, as it does while the parent lives: the child must end on
-            # its own, with its stdin watcher still waiting.
-            returncode = child.wait(timeout=60)
             assert child.stdin is not None and child.stderr is not None
+            with pytest.raises(subprocess.TimeoutExpired):
+                child.wait(timeout=1.5)  # waiting for the lock, not gone
+            child.stdin.write(b"drain 0.5\n")
             child.stdin.close()
-            errors = child.stderr.read()
+            returncode = child.wait(timeout=60)
+            errors = child.stderr.read().decode()
             child.stderr.close()
-            assert (returncode, errors) == (0, b"")
+            assert returncode == 0
+            assert "another shipper still held" in errors
+            assert "Traceback" not in errors and "Fatal" not in errors
     finally:
         lock.release()
 

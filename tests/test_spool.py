@@ -190,12 +190,14 @@ def test_checkpoint_survives_reopen_and_leaves_no_temporary(tmp_path: Path) -> N
     """A saved checkpoint is read back by a fresh StreamDirectory; no checkpoint.tmp stays."""
     directory = tmp_path / "streams" / "s"
     directory.mkdir(parents=True)
+    for index in (3, 4):
+        (directory / segment_name(index)).write_bytes(bytes(2000))
     stream = StreamDirectory(directory)
     assert stream.checkpoint() == Checkpoint("", 0, 0)
     stream.save_checkpoint(Checkpoint(segment_name(3), 1234, 17))
     stream.save_checkpoint(Checkpoint(segment_name(4), 56, 20))
     assert StreamDirectory(directory).checkpoint() == Checkpoint(segment_name(4), 56, 20)
-    assert sorted(os.listdir(directory)) == ["checkpoint"]
+    assert sorted(os.listdir(directory)) == [segment_name(3), segment_name(4), "checkpoint"]
 
 
 def test_checkpoint_write_failure_keeps_the_old_one(
@@ -204,6 +206,7 @@ def test_checkpoint_write_failure_keeps_the_old_one(
     """A crash while writing the new checkpoint leaves the previous one in force."""
     directory = tmp_path / "streams" / "s"
     directory.mkdir(parents=True)
+    (directory / segment_name(1)).write_bytes(bytes(100))
     stream = StreamDirectory(directory)
     stream.save_checkpoint(Checkpoint(segment_name(1), 10, 1))
 

@@ -6,7 +6,8 @@ comes from the environment, because a server started as a subprocess can only be
 its environment or its command line:
 
 * ``BENCH_HTTP_VARIANT``: ``baseline`` (default), ``recipe-middleware``, ``recipe-route``,
-  ``asgi-audit``, ``asgi-audit-drop`` (``overflow="drop"``), ``asgi-audit-postgres`` (the
+  ``asgi-audit``, ``asgi-audit-drop`` (``overflow="drop"``), ``asgi-audit-blocking``
+  (``mode="blocking"``), ``asgi-audit-postgres`` (the
   SQLite and PostgreSQL ones differ only in their sink URL);
 * ``BENCH_HTTP_LOG``: the file the recipes log bodies to (required by the recipes);
 * ``BENCH_HTTP_SINK`` / ``BENCH_HTTP_SPOOL``: asgi-audit's store URL and spool directory.
@@ -38,6 +39,7 @@ VARIANTS = (
     "recipe-route",
     "asgi-audit",
     "asgi-audit-drop",
+    "asgi-audit-blocking",
     "asgi-audit-postgres",
 )
 STREAM_CHUNK = 64 << 10
@@ -214,6 +216,7 @@ def create_app(
             sink=sink,
             spool=spool,
             overflow=overflow,
+            mode="blocking" if variant == "asgi-audit-blocking" else "batch",
             exclude=["/unaudited", "/bench/*"],
         )
     return app

@@ -214,7 +214,14 @@ def big_stream(server: Server, args: argparse.Namespace) -> Sample:
 
 
 def variants(postgres: str) -> list[str]:
-    chosen = [BASELINE, "recipe-middleware", "recipe-route", "asgi-audit", "asgi-audit-drop"]
+    chosen = [
+        BASELINE,
+        "recipe-middleware",
+        "recipe-route",
+        "asgi-audit",
+        "asgi-audit-drop",
+        "asgi-audit-blocking",
+    ]
     reason = postgres_reachable(postgres)
     if reason is None:
         chosen.append("asgi-audit-postgres")

@@ -63,7 +63,7 @@ def serving(
     scratch.mkdir(parents=True)
     sink: str | None = None
     table: str | None = None
-    if variant in ("asgi-audit", "asgi-audit-drop"):
+    if variant in ("asgi-audit", "asgi-audit-drop", "asgi-audit-blocking"):
         sink = f"sqlite:///{scratch / 'audit.db'}"
     elif variant == "asgi-audit-postgres":
         table = f"bench_http_{uuid.uuid4().hex[:12]}"

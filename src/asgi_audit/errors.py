@@ -10,6 +10,7 @@ one kind of failure, so that a caller can tell them apart:
     ├── ConfigError (also a ValueError)  a parameter, variable or URL cannot be used
     ├── RecorderClosed                   an exchange handed to a recorder that was shut down
     ├── SpoolError                       the local spool cannot be written or read
+    │   └── RecordNotWritten             mode="blocking-strict": a response is withheld
     ├── ShippingStopped                  delivery was asked to stop before a batch was taken
     └── SinkError                        a sink cannot take or give records right now
         ├── RecordRefused                the sink refuses what a record holds (no retry helps)
@@ -40,6 +41,12 @@ class RecorderClosed(AuditError):
 class SpoolError(AuditError):
     """The spool cannot be used: its directory cannot be made, or another live process
     writes the same stream."""
+
+
+class RecordNotWritten(SpoolError):
+    """``mode="blocking-strict"``: an exchange's record could not be written, so its
+    response's last message is withheld and this is raised from ``send`` (the server then
+    closes the connection)."""
 
 
 class ShippingStopped(AuditError):

@@ -10,11 +10,13 @@ the task is cancelled).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import Any, Protocol
 
 from .._types import ASGIApp, Headers, Message, Receive, Scope, Send
+from ..errors import RecordNotWritten
 from .levels import Level
 from .policy import PENDING, Policy, Rule, _Pending
 from .record import Body, Exchange, Identity, Outcome, new_record_id
@@ -39,14 +41,15 @@ class Host(Protocol):
     blocks: bool
     in_flight: int
     failures: int
+    unwritten: int
 
     def identity(self) -> Identity: ...
 
     def warn_once(self, key: str, message: str, *, exc_info: bool = False) -> None: ...
 
-    async def hand_off(self, exchange: Exchange) -> None: ...
+    async def hand_off(self, exchange: Exchange) -> bool: ...
 
-    def hand_off_now(self, exchange: Exchange) -> None: ...
+    def hand_off_now(self, exchange: Exchange) -> bool: ...
 
     @property
     def recorder(self) -> Roomy: ...
@@ -68,6 +71,7 @@ class ExchangeCapture:
         "error",
         "mw",
         "path",
+        "recorded",
         "req",
         "request_complete",
         "resp",
@@ -119,6 +123,8 @@ class ExchangeCapture:
         self.error: BaseException | None = None
         self.sent_path: str | None = None
         self.active = True
+        self.recorded = False
+        """The record was handed off before the last message (the ``blocking`` modes)."""
         self.template: str | None = None
         """The route template, once routing has run and a decision or the record needed it."""
 
@@ -129,6 +135,7 @@ class ExchangeCapture:
             body_limit=s.body_limit,
             over_limit=s.over_limit,
             spill_dir=s.spill_dir,
+            spill_limit=s.spill_limit,
             keep=keep,
         )
 
@@ -196,7 +203,9 @@ class ExchangeCapture:
             except Exception:
                 self._abandon()
             completes = self._completes(message)
-            if completes and self.mw.blocks:
+            if completes and self.mw.settings.mode != "batch":
+                await self._record_first()
+            elif completes and self.mw.blocks:
                 # Backpressure for overflow="block": while the recorder is full, hold the
                 # response's last message. Once it is sent the client (and the server, on
                 # a keep-alive connection) goes on to the next request, so waiting after
@@ -212,6 +221,51 @@ class ExchangeCapture:
             raise
         if completes and self.active:
             self.response_complete = True
+
+    async def _record_first(self) -> None:
+        """The ``blocking`` modes: hand the record off and wait until the recorder has
+        kept it, before the response's last message goes out. When it cannot be kept,
+        ``blocking`` sends the message anyway (the failure is counted and logged) and
+        ``blocking-strict`` withholds it: the exception reaches the server, which closes
+        the connection, so no client sees a complete response that went unaudited."""
+        self.response_complete = True  # what the record says once this message is sent
+        exchange = self._finish()
+        self.response_complete = False
+        if exchange is None:  # no longer audited (its status, or a capture failure)
+            return
+        self.recorded = True
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[bool] = loop.create_future()
+
+        def on_written(ok: bool) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, written, ok)
+
+        exchange.on_written = on_written
+        ok = await self.mw.hand_off(exchange)
+        if ok:
+            try:
+                ok = await asyncio.wait_for(written, self.mw.settings.shutdown_timeout)
+            except TimeoutError:
+                ok = False
+        if ok:
+            return
+        self.mw.unwritten += 1
+        strict = self.mw.settings.mode == "blocking-strict"
+        self.mw.warn_once(
+            "unwritten",
+            "asgi-audit: a record could not be written to the spool; "
+            + (
+                "its response is withheld (mode='blocking-strict')"
+                if strict
+                else "its response is sent anyway (mode='blocking')"
+            ),
+        )
+        if strict:
+            raise RecordNotWritten(
+                f"the audit record of {self.scope['method']} {self.path!r} could not be "
+                "written; the response is withheld (mode='blocking-strict')"
+            )
 
     def _on_send(self, message: Message) -> None:
         kind = message["type"]
@@ -275,7 +329,7 @@ class ExchangeCapture:
         self.req = self.resp = None
 
     def _finish(self) -> Exchange | None:
-        if not self.active:
+        if not self.active or self.recorded:
             return None
         try:
             return self._build()
@@ -366,6 +420,11 @@ class ExchangeCapture:
         if not self.response_complete:
             return "app_error", "IncompleteResponse"
         return "complete", None
+
+
+def _settle(written: asyncio.Future[bool], ok: bool) -> None:
+    if not written.done():
+        written.set_result(ok)
 
 
 def _correlation(headers: Headers) -> tuple[str | None, str | None]:

@@ -146,6 +146,8 @@ class AuditMiddleware:
         self.resolver = TemplateResolver()
         self.dropped = 0
         self.failures = 0
+        self.unwritten = 0
+        """Exchanges of the ``blocking`` modes whose record could not be written."""
         self._identity: Identity | None = None
         self._warned: set[str] = set()
         after_fork(self._forget_identity)
@@ -214,31 +216,35 @@ class AuditMiddleware:
     def __repr__(self) -> str:
         return f"AuditMiddleware({self.policy!r}, recorder={self.recorder!r})"
 
-    async def hand_off(self, exchange: Exchange) -> None:
-        """Give a finished exchange to the recorder, applying the overflow policy."""
+    async def hand_off(self, exchange: Exchange) -> bool:
+        """Give a finished exchange to the recorder, applying the overflow policy; False
+        when it was dropped or the recorder failed."""
         try:
             if self.recorder.try_submit(exchange):
-                return
+                return True
             if not self.blocks:
                 self._drop(exchange)
-                return
+                return False
             while True:
                 await self.recorder.room()
                 if self.recorder.try_submit(exchange):
-                    return
+                    return True
         except asyncio.CancelledError:
             self.hand_off_now(exchange)
             raise
         except Exception:
             self._fail(exchange)
+            return False
 
-    def hand_off_now(self, exchange: Exchange) -> None:
+    def hand_off_now(self, exchange: Exchange) -> bool:
         """Hand off without waiting (the exchange was cancelled): accept past the bounds."""
         try:
-            if not self.recorder.try_submit(exchange, force=self.blocks):
-                self._drop(exchange)
+            if self.recorder.try_submit(exchange, force=self.blocks):
+                return True
+            self._drop(exchange)
         except Exception:
             self._fail(exchange)
+        return False
 
     def _drop(self, exchange: Exchange) -> None:
         self.dropped += 1

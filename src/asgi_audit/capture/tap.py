@@ -3,8 +3,10 @@
 On the event loop the tap only keeps references and counts bytes. While the body fits in
 ``memory_limit`` (and in ``body_limit``) the chunks stay in a list. Past that, the kept
 chunks and every later one go in batches to the spill worker, which hashes them, writes
-what may be stored to a temporary file, and drops the rest after hashing. The record always
-gets the true size and the SHA-256 of the whole stream.
+what may be stored to a spill file, and drops the rest after hashing. The record always
+gets the true size and the SHA-256 of the whole stream, even when the worker stores less
+than the limits allow (``spill_limit`` reached, or a failed write): it then marks the
+body truncated or skipped itself, before the final batch resolves.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ import contextlib
 import sys
 from collections import deque
 from concurrent.futures import Future
-from typing import Literal
 
 from .record import Body
-from .spill import SpillJob, executor
+from .spill import OverLimit, SpillJob, executor
 
-OverLimit = Literal["truncate", "skip_body"]
+__all__ = ["MAX_BACKLOG", "BodyTap", "OverLimit"]
 
 MAX_BACKLOG = 4
 """Batches a tap may have queued at the worker before its producer is made to wait."""
@@ -40,6 +41,7 @@ class BodyTap:
         "_outstanding",
         "_over_limit",
         "_spill_dir",
+        "_spill_limit",
         "_store_limit",
         "_threshold",
         "size",
@@ -52,6 +54,7 @@ class BodyTap:
         body_limit: int | None,
         over_limit: OverLimit = "truncate",
         spill_dir: str | None = None,
+        spill_limit: int | None = None,
         keep: bool = True,
     ) -> None:
         self.size = 0
@@ -63,6 +66,9 @@ class BodyTap:
         self._threshold = min(memory_limit, self._store_limit)
         self._over_limit = over_limit
         self._spill_dir = spill_dir
+        self._spill_limit = spill_limit
+        """Bytes this process's spill files may hold at once; None: a quarter of the free
+        space where they go (see :mod:`.spill`)."""
         self._job: SpillJob | None = None
         self._batch: list[bytes] = []
         self._batch_bytes = 0
@@ -90,7 +96,9 @@ class BodyTap:
 
     def _start_worker(self) -> None:
         to_file = self._memory_limit < self._store_limit
-        self._job = SpillJob(self._store_limit, to_file, self._spill_dir)
+        self._job = SpillJob(
+            self._store_limit, to_file, self._spill_dir, self._over_limit, self._spill_limit
+        )
         self._batch, self._chunks = self._chunks, []
         self._batch_bytes, self._kept = self._kept, 0
 
@@ -145,9 +153,7 @@ class BodyTap:
         in_memory = (
             0 if self._memory_limit < self._store_limit else min(self.size, self._store_limit)
         )
-        self._submit(final=True)
-        self._outstanding.clear()
-        return Body(
+        body = Body(
             size=self.size,
             complete=complete,
             truncated=truncated,
@@ -155,6 +161,10 @@ class BodyTap:
             job=self._job,
             memory_size=in_memory,
         )
+        self._job.attach(body)  # before the final batch, which may cut the body short
+        self._submit(final=True)
+        self._outstanding.clear()
+        return body
 
     def stop_keeping(self) -> None:
         """Count from now on, keep nothing (the exchange turned out not to need this body)."""

@@ -1,4 +1,9 @@
-"""Looking at a sink: ``ls``, ``show``, ``tail``, ``export`` and ``stats``."""
+"""Looking at a sink: ``ls``, ``show``, ``tail``, ``export`` and ``stats``.
+
+Record text is printed through :mod:`.terminal` (control characters shown as ``\\x1b``),
+always, whether standard output is a terminal or not; ``show --raw`` and ``export`` are
+the exact values, the one as bytes, the other as JSON.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,17 @@ from typing import Any, BinaryIO
 import click
 import orjson
 
-from ..sinks.record import StoredBody, StoredRecord
-from .exports import jsonl_line
+from ..sinks.record import HeaderList, StoredBody, StoredRecord
+from .exports import jsonl_line, open_private
 from .main import filters, line_of, main, make_query, opened_sink, sink_option, size_text
+from .terminal import (
+    is_terminal,
+    printable,
+    printable_block,
+    printable_json,
+    printable_url,
+    unsafe_for_terminal,
+)
 
 
 @main.command("ls")
@@ -42,49 +55,84 @@ def show(sink: str, record_id: str, raw: str | None) -> None:
     with opened_sink(sink) as opened:
         record = opened.get(record_id)
     if record is None:
-        raise click.ClickException(f"no record {record_id!r} in {sink}")
+        raise click.ClickException(
+            f"no record {printable(repr(record_id))} in {printable_url(sink)}"
+        )
     if raw is not None:
         body = record.request_body if raw == "request" else record.response_body
         if body is None or body.data is None:
-            raise click.ClickException(f"record {record_id} has no stored {raw} body")
+            raise click.ClickException(f"record {printable(record_id)} has no stored {raw} body")
+        if is_terminal(sys.stdout) and unsafe_for_terminal(body.data):
+            # as curl does: the exact bytes are for a file or a pipe, not for a terminal
+            # that would obey the escape sequences in them
+            raise click.ClickException(
+                f"the {raw} body of record {printable(record_id)} is binary or holds "
+                "terminal control characters: redirect --raw to a file or a pipe "
+                "(> body.bin, | xxd), or leave --raw out to see it escaped"
+            )
         out: BinaryIO = sys.stdout.buffer
         out.write(body.data)
         out.flush()
         return
     click.echo(line_of(record))
     click.echo(
-        f"route {record.route}  stream {record.stream} #{record.seq}  "
-        f"correlation {record.correlation_id}  trace {record.trace_id or '-'}"
+        f"route {printable(record.route or '-')}  stream {printable(record.stream)} "
+        f"#{record.seq}  correlation {printable(record.correlation_id)}  "
+        f"trace {printable(record.trace_id or '-')}"
+    )
+    client = record.client_host or "-"
+    client += f":{record.client_port}" if record.client_port is not None else ""
+    click.echo(
+        f"host {printable(record.host)}  query {printable(record.query or '-')}  "
+        f"{printable(record.scheme)} HTTP/{printable(record.http_version)}  "
+        f"level {printable(record.level)}  client {printable(client)}"
+    )
+    click.echo(
+        f"service {printable(record.service)}  pod {printable(record.pod or '-')}  "
+        f"namespace {printable(record.namespace or '-')}  node {printable(record.node or '-')}"
     )
     if record.error:
-        click.echo(f"error {record.error}")
-    for title, headers, body in (
+        click.echo(f"error {printable(record.error)}")
+    sides: list[tuple[str, HeaderList, StoredBody | None]] = [
         ("request", record.request_headers, record.request_body),
         ("response", record.response_headers, record.response_body),
-    ):
+    ]
+    for title, headers, body in sides:
         click.echo(f"\n── {title} " + "─" * 60)
-        for name, value in headers:
-            click.echo(f"{name}: {value}")
+        _echo_headers(headers)
         click.echo(_describe_body(body))
+    if record.response_trailers:
+        click.echo("\n── response trailers " + "─" * 51)
+        _echo_headers(record.response_trailers)
+
+
+def _echo_headers(headers: HeaderList) -> None:
+    for name, value in headers:
+        click.echo(f"{printable(name)}: {printable(value)}")
 
 
 def _describe_body(body: StoredBody | None) -> str:
+    """The body's size and digest, then its text: JSON indented (its raw C1 or bidi
+    characters as ``\\u`` escapes, so it is still JSON), other UTF-8 with control
+    characters escaped but lines kept, binary only named."""
     if body is None:
         return "(body not kept at this level)"
-    head = f"({body.size:,} bytes, sha256 {body.sha256}"
+    head = f"({body.size:,} bytes, sha256 {printable(body.sha256)}"
     head += ", truncated" if body.truncated else ""
     head += ", incomplete" if not body.complete else ""
-    head += f", sent from {body.sent_path}" if body.sent_path else ""
+    head += f", sent from {printable(body.sent_path)}" if body.sent_path else ""
     head += ")"
     if body.data is None:
         return head
     try:
-        text = orjson.dumps(orjson.loads(body.data), option=orjson.OPT_INDENT_2).decode()
-    except orjson.JSONDecodeError:
+        text = printable_json(
+            orjson.dumps(orjson.loads(body.data), option=orjson.OPT_INDENT_2).decode()
+        )
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
         try:
-            text = body.data.decode("utf-8")
+            text = printable_block(body.data.decode("utf-8"))
         except UnicodeDecodeError:
-            text = f"<{len(body.data):,} bytes of binary; use --raw to get them>"
+            text = f"<{len(body.data):,} bytes of binary; use --raw > FILE to get them>"
     return f"{head}\n{text}" if text else head
 
 
@@ -137,13 +185,20 @@ def tail(
 def export(
     sink: str, fmt: str, bodies: bool, limit: int | None, output: str | None, **options: Any
 ) -> None:
-    """Export records, oldest first, one JSON object per line."""
+    """Export records, oldest first, one JSON object per line (-o: a file only you can
+    read)."""
     query = make_query(limit=limit, newest_first=False, with_bodies=bodies, **options)
     with opened_sink(sink) as opened:
         total = opened.count() if limit is None else limit
-        out: BinaryIO = (
-            open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115
-        )
+        if output:
+            try:
+                out: BinaryIO = open_private(output)
+            except OSError as exc:
+                raise click.ClickException(
+                    f"cannot write {printable(output)}: {printable(exc.strerror or str(exc))}"
+                ) from exc
+        else:
+            out = sys.stdout.buffer
         show_progress = sys.stderr.isatty()
         try:
             written = 0
@@ -180,7 +235,7 @@ def stats(sink: str, **options: Any) -> None:
         durations = sorted(r.duration_ns / 1e6 for r in records)
         errors = sum(1 for r in records if r.outcome != "complete" or (r.status or 0) >= 500)
         click.echo(
-            f"{route[:40]:40} {len(records):>7} {errors:>7} "
+            f"{printable(route)[:40]:40} {len(records):>7} {errors:>7} "
             f"{size_text(sum(r.request_size for r in records)):>11} "
             f"{size_text(sum(r.response_size for r in records)):>11} "
             f"{_percentile(durations, 50):>8.1f} {_percentile(durations, 99):>8.1f}"

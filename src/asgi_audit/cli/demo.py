@@ -27,6 +27,7 @@ from ..capture.middleware import AuditMiddleware
 from ..fastapi import audited
 from ..sinks import DEFAULT_SINK_URL, Query, open_sink
 from ..sinks.record import StoredRecord
+from .terminal import printable, printable_url
 
 
 class Line(BaseModel):
@@ -111,6 +112,7 @@ def _free_port() -> int:
 def run_demo(echo: Callable[[str], None] = print, sink: str | None = None) -> list[StoredRecord]:
     """Serve, exercise, stop gracefully, then read back and print what the sink holds."""
     sink = sink or DEFAULT_SINK_URL
+    shown_sink = printable_url(sink)
     started = time.time_ns()
     with tempfile.TemporaryDirectory(prefix="asgi-audit-demo-") as spool:
         port = _free_port()
@@ -132,7 +134,7 @@ def run_demo(echo: Callable[[str], None] = print, sink: str | None = None) -> li
         base = f"http://127.0.0.1:{port}"
         echo(
             f"demo shop on {base}: uvicorn with AuditMiddleware on /orders/{{order_id}}, "
-            f"/upload and the @audited export; sink {sink}"
+            f"/upload and the @audited export; sink {shown_sink}"
         )
         order = sample_order()
         try:
@@ -146,7 +148,7 @@ def run_demo(echo: Callable[[str], None] = print, sink: str | None = None) -> li
         full = [opened.get(r.id) for r in records]
     shown = [r for r in full if r is not None]
     echo("")
-    echo(f"recorded {len(shown)} exchanges in {sink} (GET /health is excluded):")
+    echo(f"recorded {len(shown)} exchanges in {shown_sink} (GET /health is excluded):")
     for record in shown:
         echo(describe(record))
     sent = hashlib.sha256(order).hexdigest()
@@ -156,7 +158,7 @@ def run_demo(echo: Callable[[str], None] = print, sink: str | None = None) -> li
     if stored is not None and stored.request_body is not None:
         same = stored.request_body.sha256 == sent and stored.request_body.data == order
         echo(f"\nthe 1 MB order was stored byte for byte: {same} (sha256 {sent[:16]}…)")
-    echo(f"look again with: asgi-audit ls --sink {sink}")
+    echo(f"look again with: asgi-audit ls --sink {shown_sink}")
     return shown
 
 
@@ -181,21 +183,24 @@ def _exercise(base: str, order: bytes, echo: Callable[[str], None]) -> None:
             exported = sum(len(chunk) for chunk in streamed.iter_bytes())
     for response in calls:
         echo(
-            f"  {response.request.method:5} {response.request.url.path:28} -> "
+            f"  {response.request.method:5} {printable(response.request.url.path):28} -> "
             f"{response.status_code} ({len(response.content):,} bytes)"
         )
     echo(f"  GET   /exports/orders.ndjson         -> 200 ({exported:,} bytes, streamed)")
 
 
 def describe(record: StoredRecord) -> str:
-    """One line per record, then one per body: size, digest, and a preview."""
+    """One line per record, then one per body: size, digest, and a preview; record text
+    made printable, since the demo's records could be anyone's (``--sink`` is any sink)."""
     lines = [
-        f"- {record.id}  {record.method} {record.path} route={record.route} "
-        f"status={record.status} {record.outcome} level={record.level} "
-        f"{record.duration_ns / 1e6:.1f} ms correlation={record.correlation_id}"
+        f"- {printable(record.id)}  {printable(record.method)} {printable(record.path)} "
+        f"route={printable(str(record.route))} status={record.status} "
+        f"{printable(record.outcome)} level={printable(record.level)} "
+        f"{record.duration_ns / 1e6:.1f} ms correlation={printable(record.correlation_id)}"
     ]
     if record.redacted_headers:
-        lines.append(f"    redacted headers: {', '.join(record.redacted_headers)}")
+        redacted = ", ".join(printable(name) for name in record.redacted_headers)
+        lines.append(f"    redacted headers: {redacted}")
     for name, body, size in (
         ("request ", record.request_body, record.request_size),
         ("response", record.response_body, record.response_size),
@@ -206,13 +211,16 @@ def describe(record: StoredRecord) -> str:
         flags = " truncated" if body.truncated else ""
         flags += "" if body.complete else " incomplete"
         preview = _preview((body.data or b"")[:60])
-        lines.append(f"    {name} {body.size:,} bytes sha256={body.sha256[:16]}…{flags} {preview}")
+        digest = printable(body.sha256[:16])
+        lines.append(f"    {name} {body.size:,} bytes sha256={digest}…{flags} {preview}")
     return "\n".join(lines)
 
 
 def _preview(head: bytes) -> str:
+    """``repr`` already escapes every character :func:`printable` would (none of them is
+    ``str.isprintable``); :func:`printable` keeps that true whatever ``repr`` becomes."""
     try:
-        return repr(head.decode("utf-8"))
+        return printable(repr(head.decode("utf-8")))
     except UnicodeDecodeError:
         return "(binary)"
 

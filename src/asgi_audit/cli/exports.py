@@ -5,16 +5,25 @@ read them): ``id``, ``method``, ``path``, ``route``, ``status``, ``started_at`` 
 UTC), ``request_body_size``, ``request_body_sha256``, ``response_body_size``,
 ``response_body_sha256`` (lowercase hex), ``outcome``, and more; bodies only on request,
 as UTF-8 text when they decode, else base64, with an explicit ``*_encoding`` field.
+
+Each line is plain JSON, and safe to print: the characters JSON leaves raw but a terminal
+obeys or a line splitter breaks at (DEL, C1, bidi controls, U+2028, U+2029) are written
+as ``\\u`` escapes, which every JSON reader decodes to the very same string. A file
+written with ``-o`` is readable by its owner only: it holds whole exchanges.
 """
 
 from __future__ import annotations
 
 import base64
-from typing import Any
+import json
+import os
+import stat
+from typing import Any, BinaryIO
 
 import orjson
 
 from ..sinks.record import StoredBody, StoredRecord
+from .terminal import printable_json
 
 
 def iso(ns: int | None) -> str | None:
@@ -83,4 +92,36 @@ def body_text(body: StoredBody | None) -> tuple[str | None, str | None]:
 
 
 def jsonl_line(record: StoredRecord, *, bodies: bool = False) -> bytes:
-    return orjson.dumps(public_dict(record, bodies=bodies)) + b"\n"
+    """One record as one line of JSON, with the characters JSON would leave raw but a
+    terminal or ``str.splitlines`` would act on escaped (see the module docstring): an
+    export is as often ``cat``-ed or split into lines as it is parsed, and the escapes cost
+    no JSON reader anything.
+
+    A lone surrogate (which a sink may hand back, and orjson refuses) is escaped by
+    :mod:`json` instead, rather than failing the whole export at that record."""
+    document = public_dict(record, bodies=bodies)
+    try:
+        line = orjson.dumps(document)
+    except orjson.JSONEncodeError:
+        line = json.dumps(document, separators=(",", ":")).encode("ascii")
+    if line.isascii() and b"\x7f" not in line:  # the usual case, with nothing to escape
+        return line + b"\n"
+    return printable_json(line.decode("utf-8")).encode("utf-8") + b"\n"
+
+
+def open_private(path: str) -> BinaryIO:
+    """``path`` opened for writing and emptied, with mode 0600 whatever the umask: an
+    export holds whole exchanges (personal data, tokens in bodies), which a umask of 022
+    would leave readable by every local user. An existing file is narrowed to 0600
+    before anything is written to it; a device or a pipe (``-o /dev/stdout``) is left as
+    it is."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY
+    descriptor = os.open(path, flags, 0o600)
+    try:
+        if stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.fchmod(descriptor, 0o600)  # first: a file we may not narrow is left intact
+            os.ftruncate(descriptor, 0)
+        return os.fdopen(descriptor, "wb")
+    except BaseException:
+        os.close(descriptor)
+        raise

@@ -1,7 +1,9 @@
 """The ``asgi-audit`` command: look at, export and ship audit records.
 
 Errors are one clear line on standard error and a non-zero exit code; nothing here prints
-a traceback for a mistake the user can fix.
+a traceback for a mistake the user can fix. Whatever is printed goes through
+:mod:`.terminal`: record text with its control characters made visible, sink URLs (and
+error texts that may quote them) with their secrets masked.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..errors import AuditError, SinkError
 from ..sinks import DEFAULT_SINK_URL, Query, Sink, open_sink
 from ..sinks.record import StoredRecord
 from .exports import iso
+from .terminal import printable, printable_error, printable_url
 
 sink_option = click.option(
     "--sink",
@@ -50,19 +53,24 @@ def main() -> None:
 @contextmanager
 def opened_sink(url: str) -> Iterator[Sink]:
     """Open an existing sink, turning configuration and sink errors into one-line CLI
-    errors."""
+    errors, in which the URL's password and secret parameters are masked wherever the
+    message (often a driver's) quotes it."""
     try:
         opened = open_sink(url, create=False)
     except AuditError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(printable_error(str(exc), url)) from exc
     except OSError as exc:
-        raise click.ClickException(f"cannot open {url}: {exc}") from exc
+        raise click.ClickException(
+            f"cannot open {printable_url(url)}: {printable_error(str(exc), url)}"
+        ) from exc
     try:
         yield opened
     except BrokenPipeError:  # click ends quietly when the reader leaves (`| head`)
         raise
     except (SinkError, OSError) as exc:
-        raise click.ClickException(f"{url}: {exc}") from exc
+        raise click.ClickException(
+            f"{printable_url(url)}: {printable_error(str(exc), url)}"
+        ) from exc
     finally:
         opened.close()
 
@@ -149,12 +157,15 @@ def filters(command: Any) -> Any:
 
 
 def line_of(record: StoredRecord) -> str:
+    """One record on one line (ls, tail, show): every text field from the record is
+    passed through :func:`printable`, since the client chose it."""
     status = record.status if record.status is not None else "-"
-    outcome = "" if record.outcome == "complete" else f"  {record.outcome}"
+    outcome = "" if record.outcome == "complete" else f"  {printable(record.outcome)}"
     return (
-        f"{iso(record.started_at_ns)}  {record.id}  {record.method:6} {status!s:>3}  "
-        f"{record.duration_ns / 1e6:8.1f} ms  {size_text(record.request_size):>8} > "
-        f"{size_text(record.response_size):<8}  {record.path}{outcome}"
+        f"{iso(record.started_at_ns)}  {printable(record.id)}  {printable(record.method):6} "
+        f"{status!s:>3}  {record.duration_ns / 1e6:8.1f} ms  "
+        f"{size_text(record.request_size):>8} > {size_text(record.response_size):<8}  "
+        f"{printable(record.path)}{outcome}"
     )
 
 

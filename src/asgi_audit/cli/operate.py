@@ -10,8 +10,11 @@ from typing import Protocol, runtime_checkable
 import click
 
 from ..errors import AuditError
+from ..shipping.quarantine import Quarantine
 from ..sinks import check_sink_url
+from .exports import iso
 from .main import main, opened_sink, sink_option, size_text, spool_option
+from .terminal import printable, printable_url
 
 
 @main.group()
@@ -51,13 +54,55 @@ def spool_status(spool: str) -> None:
         lag = "none" if oldest is None else f"{(time.time_ns() - oldest) / 1e9:.1f} s"
         state = "live" if stream.writer_alive() else "orphaned"
         click.echo(
-            f"{stream.name}  {state}  {len(segments)} segments  {size_text(size)}  "
+            f"{printable(stream.name)}  {state}  {len(segments)} segments  {size_text(size)}  "
             f"delivered {checkpoint.delivered}  pending {pending}  oldest pending {lag}"
         )
     if not found:
-        click.echo(f"{root}: no streams")
+        click.echo(f"{printable(str(root))}: no streams")
     shipper = "running" if ShipperLock(root).held_elsewhere() else "not running"
     click.echo(f"shipper: {shipper}")
+    quarantined = Quarantine(root).entries()
+    click.echo(f"quarantine: {len(quarantined)} record(s) the sink refused")
+    for entry in quarantined:
+        click.echo(
+            f"  {printable(entry.id)}  {iso(entry.at_ns)}  stream {printable(entry.stream)}  "
+            f"tried {entry.attempts}x  {printable(entry.reason)}"
+        )
+    if quarantined:
+        click.echo("  (asgi-audit spool retry sends them again once the sink can take them)")
+
+
+@spool.command("retry")
+@spool_option
+@sink_option
+@click.option("--id", "ids", multiple=True, help="Only this quarantined record (repeatable).")
+def spool_retry(spool: str, sink: str, ids: tuple[str, ...]) -> None:
+    """Send the records in quarantine to the sink again; those it takes leave the
+    quarantine, those it still refuses stay there with its new reason."""
+    from ..errors import RecordRefused
+    from ..shipping.shipper import stored_record
+
+    quarantine = Quarantine(Path(spool))
+    entries = [e for e in quarantine.entries() if not ids or e.id in ids]
+    missing = sorted(set(ids) - {e.id for e in entries})
+    if missing:
+        raise click.ClickException(f"not in quarantine: {', '.join(printable(i) for i in missing)}")
+    stored = refused = 0
+    with opened_sink(sink) as opened:
+        for entry in entries:
+            try:
+                opened.write_batch([stored_record(r) for r in quarantine.read(entry)])
+            except RecordRefused as exc:
+                refused += 1
+                quarantine.refused_again(entry, str(exc))
+                click.echo(f"still refused {printable(entry.id)}: {printable(str(exc))}")
+                continue
+            quarantine.release(entry)
+            stored += 1
+            click.echo(f"stored {printable(entry.id)}")
+    click.echo(f"{stored} stored, {refused} still in quarantine")
+    if refused:
+        raise SystemExit(1)
 
 
 @main.command()
@@ -103,7 +148,6 @@ def ship(
         spool,
         sink,
         parent=child_of,
-        wait_for_lock=child_of is None,
         drain_seconds=drain_seconds,
         once=once,
         stop_on_eof=child_of is not None,
@@ -138,11 +182,11 @@ def retention_apply(sink: str, keep_days: int) -> None:
     with opened_sink(sink) as opened:
         if not isinstance(opened, Retention):
             raise click.ClickException(
-                f"{sink}: this sink has no retention (postgresql:// sinks have)"
+                f"{printable_url(sink)}: this sink has no retention (postgresql:// sinks have)"
             )
         dropped = opened.apply_retention(keep_days)
     for name in dropped:
-        click.echo(f"dropped {name}")
+        click.echo(f"dropped {printable(name)}")
     click.echo(f"{len(dropped)} partition(s) dropped; newer than {keep_days} day(s) kept")
 
 

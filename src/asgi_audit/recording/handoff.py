@@ -21,16 +21,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections import deque
 from typing import Protocol, runtime_checkable
 
 from ..capture.record import Exchange
 
+logger = logging.getLogger("asgi_audit.recorder")
+
 
 @runtime_checkable
 class Recorder(Protocol):
-    """Where finished exchanges go. Implementations must make ``try_submit`` non-blocking."""
+    """Where finished exchanges go. Implementations must make ``try_submit`` non-blocking.
+
+    A recorder calls ``exchange.on_written`` (when set) exactly once for every exchange
+    ``try_submit`` accepted: ``True`` once the record is kept as durably as the recorder
+    promises, ``False`` when it is lost (dropped, not encodable, not written by shutdown).
+    It may call it from any thread, never under a lock of its own, and must survive a
+    callback that raises. The ``blocking`` modes hold a response's last message on it;
+    an exchange that was refused (False, or an exception) gets no call.
+    """
 
     def try_submit(self, exchange: Exchange, *, force: bool = False) -> bool:
         """Enqueue ``exchange``; False when full. ``force`` accepts past the bounds (used
@@ -82,7 +93,9 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
 
 
 class MemoryRecorder:
-    """Keeps exchanges in a bounded in-process queue, for tests and examples.
+    """Keeps exchanges in a bounded in-process queue, for tests and examples. An exchange
+    it accepts is kept (in memory: that is all it promises), so ``on_written(True)`` is
+    called at once, on the submitting thread.
 
     Bounded by count and by stored body bytes. Consumers call :meth:`take` or
     :meth:`take_all` (from any thread); each frees room for blocked producers. It runs
@@ -103,6 +116,8 @@ class MemoryRecorder:
         self._room = RoomSignal()
         self._arrived = threading.Condition(self._lock)
         self._refused = False
+        self.callback_errors = 0
+        """``on_written`` callbacks that raised."""
 
     def try_submit(self, exchange: Exchange, *, force: bool = False) -> bool:
         weight = memory_weight(exchange)
@@ -116,7 +131,18 @@ class MemoryRecorder:
             self._queue.append((exchange, weight))
             self._bytes += weight
             self._arrived.notify_all()
+        self._written(exchange)
         return True
+
+    def _written(self, exchange: Exchange) -> None:
+        """Held in memory is all this recorder promises: the exchange is kept."""
+        if exchange.on_written is None:
+            return
+        try:
+            exchange.on_written(True)
+        except Exception:
+            self.callback_errors += 1
+            logger.warning("asgi-audit: an on_written callback failed", exc_info=True)
 
     async def room(self) -> None:
         # Whether an exchange fits depends on its weight, which room() does not know: wait

@@ -19,15 +19,35 @@ touches the disk happens on the writer thread: the stream's directory, its lock 
 first segment are made when the first batch is written, so an app that never audits an
 exchange leaves no trace in the spool. :meth:`flush` and :meth:`shutdown` take a timeout
 in seconds. A forked child starts afresh (``_forks``). The thread never raises into the
-app: a failing write is retried, counted and logged; a stream that cannot be opened loses
-the batch (counted in ``lost``) and refuses exchanges for ``retry_seconds`` before trying
-again.
+app: a failing write is retried with exponential backoff (0.05 s doubling to 5 s), counted,
+and logged once per kind of error with a summary a minute; a stream that cannot be opened
+loses the batch (counted in ``lost``) and refuses exchanges for ``retry_seconds`` before
+trying again.
+
+A failed sync is fatal for what was written since the last good one ("fsyncgate": the
+kernel may have dropped those pages, and a second sync can succeed without writing them).
+So every frame written since the last good sync is kept in memory (a large record: its
+spill files) until a sync covers it; when one fails, the segment is sealed, a new one is
+started and those frames are written to it again, and only a sync that succeeds
+acknowledges them. The sealed segment may hold copies: sinks ignore an id they hold.
+
+``Exchange.on_written``: each exchange accepted by :meth:`SpoolRecorder.try_submit` is
+told exactly once, on the writer thread, whether its record is kept (written and synced
+per ``fsync``; written, with ``off``) or not (lost, dropped, not encodable, or given up at
+the shutdown deadline). An exchange carrying one wakes the writer at once, and the sync
+that follows covers everything written meanwhile: one sync for many waiting responses.
+
+A body whose bytes cannot be read (its spill failed) costs only its own record those
+bytes: the record is written without them, saying why in its ``error``
+(``bodies_not_kept``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -37,6 +57,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -46,7 +67,14 @@ from ..capture.record import Body, Exchange
 from ..capture.settings import DEFAULT_SECRET_HEADERS, FsyncPolicy, Overflow
 from ..errors import RecorderClosed, SpoolError
 from . import packing
-from .frames import PACKED, RECORD_HEADER, encode_frame, frame_header, record_header
+from .frames import (
+    PACKED,
+    RECORD_HEADER,
+    encode_frame,
+    frame_crc,
+    frame_header,
+    record_header,
+)
 from .handoff import RoomSignal, memory_weight
 from .metadata import exchange_metadata
 from .redact import Step, header_redactor, run_pipeline
@@ -55,6 +83,13 @@ from .spool import SegmentWriter, spool_bytes
 logger = logging.getLogger("asgi_audit.recorder")
 
 MAX_FRAME_BYTES = 16 << 20
+BACKOFF_FIRST = 0.05
+BACKOFF_MAX = 5.0
+"""Seconds between retries of a failing write or sync: doubling from the first to the
+most."""
+SUMMARY_SECONDS = 60.0
+"""A failure that goes on is summed up in the log at most this often."""
+BODIES = ("request", "response")
 
 FramedRecord = tuple[bytes, list[bytes], list[bytes]]
 """One record ready for a frame: encoded metadata, request chunks, response chunks."""
@@ -116,7 +151,19 @@ class SpoolRecorder:
         self.dropped = 0
         self.errors = 0
         self.lost = 0
-        """Exchanges taken from the queue but not written: the stream could not be opened."""
+        """Exchanges taken from the queue but not written: the stream could not be opened,
+        or the shutdown deadline passed while the spool could not be written."""
+        self.sync_failures = 0
+        """Syncs that failed (each one rewrote what it should have covered)."""
+        self.bodies_not_kept = 0
+        """Bodies left out of their record because their bytes could not be read."""
+        self.callback_errors = 0
+        """``on_written`` callbacks that raised."""
+        self._write_log = _FailureLog("spool write", "retrying with backoff")
+        self._sync_log = _FailureLog(
+            "spool sync", "writing the unsynced records again to a new segment"
+        )
+        self._body_log = _FailureLog("reading a spilled body", "its record is written without it")
         self._writer: SegmentWriter | None = None
         self._hasher: ThreadPoolExecutor | None = None
         self._starting = threading.Lock()
@@ -135,6 +182,9 @@ class SpoolRecorder:
         queue, thread and stream stay the parent's)."""
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        """Notified when records are acknowledged (``flush`` waits on it)."""
+        self._work = threading.Condition(self._lock)
+        """Notified when the writer has something to do (it waits on it, idle)."""
         self._queue: deque[tuple[Exchange, int]] = deque()
         self._bytes = 0
         self._refused = False
@@ -147,6 +197,14 @@ class SpoolRecorder:
         self._thread: threading.Thread | None = None
         self._room = RoomSignal()
         self._seq = 0
+        self._pending: list[_Written] = []
+        """Frames written since the last good sync (writer thread only)."""
+        self._unacknowledged = 0
+        """Exchanges taken but not yet counted for ``flush`` (writer thread only)."""
+        self._suspect = False
+        """A sync failed and none has succeeded since."""
+        self._give_up_at: float | None = None
+        """Set by ``shutdown(timeout)``: past it, a writer that is retrying gives up."""
         self.stream = ""
 
     # -- the request path ------------------------------------------------------------
@@ -175,10 +233,11 @@ class SpoolRecorder:
             self._submitted += 1
             if (
                 self.fsync == "always"
+                or exchange.on_written is not None
                 or queued + 1 >= self.batch_records
                 or self._bytes >= self.batch_bytes
             ):
-                self._wake.notify()
+                self._work.notify()
         return True
 
     async def room(self) -> None:
@@ -219,7 +278,7 @@ class SpoolRecorder:
                 return True
             target = self._submitted
             self._flush_asked = max(self._flush_asked, target)
-            self._wake.notify()
+            self._work.notify()
             while self._flushed < target:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -229,10 +288,17 @@ class SpoolRecorder:
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Drain the queue into the spool, stop the thread, release the stream; False when
-        ``timeout`` passed first (the thread then finishes on its own)."""
+        ``timeout`` passed first. The thread then finishes on its own, unless it is
+        retrying a spool that cannot be written: then it gives up (what it holds is lost,
+        and told so through ``on_written``)."""
         with self._lock:
             thread = self._thread
             self._closing = True
+            if timeout is not None:
+                give_up = time.monotonic() + timeout
+                earlier = self._give_up_at
+                self._give_up_at = give_up if earlier is None else min(earlier, give_up)
+            self._work.notify_all()
             self._wake.notify_all()
         if thread is None:
             self._closed = True
@@ -252,79 +318,99 @@ class SpoolRecorder:
     def _run(self) -> None:
         self._hook(self._on_start, "start")
         last_sync = last_tick = time.monotonic()
-        unsynced = False
-        written = 0  # records written since the last sync: acknowledged once synced
         # Hashing a body runs beside its compression (both without the GIL): the writer
         # is one thread, and doing both in turn made it the pipeline's slowest stage.
         hasher = self._hasher = ThreadPoolExecutor(1, thread_name_prefix="asgi-audit-hasher")
         try:
             while True:
-                with self._lock:
-                    if not self._queue and not self._closing and self._flush_asked <= self._flushed:
-                        self._wake.wait(self.interval)
-                    batch = self._take()
-                    closing = self._closing and not self._queue
+                batch, closing = self._next_batch()
                 if batch:
-                    count = len(batch)  # _write may drop (clear) the batch: still taken
-                    writer = self._writer or self._open()
-                    if writer is None:
-                        self._lose(batch)
-                        self._acknowledge(count)
-                    else:
-                        try:
-                            self._write(writer, batch)
-                        except Exception:  # never let one batch stop the writer for good
-                            self.errors += 1
-                            logger.warning("asgi-audit: could not write a batch", exc_info=True)
-                            self._discard(batch)
-                        unsynced = True
-                        written += count
+                    self._unacknowledged += len(batch)
+                    self._record(batch)
                 now = time.monotonic()
-                writer = self._writer
-                if (
-                    writer is not None
-                    and unsynced
-                    and (
-                        self.fsync == "always"
-                        or closing
-                        or (self.fsync == "batch" and now - last_sync >= self.interval)
-                        or self._flush_asked > self._flushed
-                    )
-                    and self.fsync != "off"
-                ):
-                    self._sync(writer)
-                    last_sync, unsynced = now, False
-                if written and (not unsynced or self.fsync == "off"):
-                    self._acknowledge(written)
-                    written = 0
+                if self._pending and self._sync_due(now - last_sync, closing):
+                    self._sync_pending()
+                    last_sync = now
+                if not self._pending:
+                    self._acknowledge()
                 if self._on_tick is not None and now - last_tick >= self.tick_seconds:
                     last_tick = now
                     self._hook(self._on_tick, "periodic check")
                 if closing:
                     break
+        except _GiveUp:
+            logger.warning(
+                "asgi-audit: the shutdown deadline passed while the spool could not be "
+                "written; the records not yet kept are lost"
+            )
+        except Exception:
+            self.errors += 1
+            logger.error("asgi-audit: the spool writer stopped", exc_info=True)
         finally:
             hasher.shutdown(wait=True)
-            writer = self._writer
-            self._writer = None
-            if writer is not None:
-                with contextlib.suppress(Exception):
-                    writer.close()
-            with self._lock:
-                self._thread = None
-                self._closed = self._closing
-                self._flushed = self._submitted
-                self._wake.notify_all()
+            self._finish()
+
+    def _next_batch(self) -> tuple[list[Exchange], bool]:
+        """What is queued (after waiting up to ``interval`` for something to do), and
+        whether this is the last batch before the thread ends."""
+        with self._lock:
+            if not self._queue and not self._closing and self._flush_asked <= self._flushed:
+                self._work.wait(self.interval)
+            return self._take(), self._closing and not self._queue
+
+    def _sync_due(self, elapsed: float, closing: bool) -> bool:
+        """Whether to sync what was written: per the policy, at the end, for a flush, or at
+        once for an exchange whose response waits for its record (``on_written``): one
+        sync then covers everything written meanwhile (group commit)."""
+        return (
+            self.fsync == "always"
+            or closing
+            or elapsed >= self.interval
+            or self._flush_asked > self._flushed
+            or any(written.waiting for written in self._pending)
+        )
+
+    def _finish(self) -> None:
+        """The thread ends (shut down, gave up at the shutdown deadline, or failed): every
+        exchange it still holds is settled, and the stream released."""
+        writer, self._writer = self._writer, None
+        pending, self._pending = self._pending, []
+        kept = not self._suspect
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:
+                kept = False
+                self.errors += 1
+                logger.warning("asgi-audit: could not close the spool stream", exc_info=True)
+        for written in pending:
+            self._settle_written(written, kept)
+        with self._lock:
+            leftovers = [exchange for exchange, _ in self._queue]
+            self._queue.clear()
+            self._bytes = 0
+            self._thread = None
+            self._closed = self._closing
+            self._flushed = self._submitted
+            self._unacknowledged = 0
+            self._wake.notify_all()
+        self._room.notify_all()
+        self._lose(leftovers)
 
     def _open(self) -> SegmentWriter | None:
         """Open this process's stream (directory, writer lock, first segment), on the
         writer thread; None when that fails, warning at the first failure and again once
         the stream opens (the retries between are logged at debug level)."""
         writer = SegmentWriter(
-            self.root, self.stream, segment_bytes=self.segment_bytes, segment_age=self.segment_age
+            self.root,
+            self.stream,
+            segment_bytes=self.segment_bytes,
+            segment_age=self.segment_age,
+            durable=self.fsync != "off",
         )
         try:
             writer.open()
-        except (OSError, SpoolError) as exc:
+        except Exception as exc:  # OSError, SpoolError (held by another live writer), ...
             with contextlib.suppress(Exception):
                 writer.close()
             self.errors += 1
@@ -345,15 +431,23 @@ class SpoolRecorder:
         self._hook(self._on_open, "open")
         return writer
 
-    def _lose(self, batch: list[Exchange]) -> None:
-        self.lost += len(batch)
-        self._discard(batch)
+    def _record(self, batch: list[Exchange]) -> None:
+        writer = self._writer or self._open()
+        if writer is None:
+            self._lose(batch)
+            return
+        try:
+            self._write(writer, batch)
+        except Exception:  # a bug: never let one batch stop the writer for good
+            self.errors += 1
+            logger.warning("asgi-audit: could not write a batch", exc_info=True)
 
-    @staticmethod
-    def _discard(batch: list[Exchange]) -> None:
-        for exchange in batch:
-            with contextlib.suppress(Exception):
-                exchange.discard()
+    def _lose(self, exchanges: list[Exchange]) -> None:
+        """Exchanges taken but not written (no stream, or the thread ends)."""
+        if exchanges:
+            self.lost += len(exchanges)
+            self._settle(exchanges, False)
+            _discard(exchanges)
 
     def _hook(self, hook: Hook | None, what: str) -> None:
         if hook is None:
@@ -377,95 +471,185 @@ class SpoolRecorder:
             self._room.notify_all()
         return taken
 
-    def _acknowledge(self, count: int) -> None:
+    def _acknowledge(self) -> None:
+        """Count everything taken so far as done for :meth:`flush`: called only when
+        nothing written awaits a sync, so the count never runs ahead of an earlier record
+        still waiting for one."""
+        if not self._unacknowledged:
+            return
         with self._lock:
-            self._flushed += count
+            self._flushed += self._unacknowledged
+            self._unacknowledged = 0
             if self._flush_asked and self._flushed >= self._flush_asked:
                 self._wake.notify_all()
 
-    def _write(self, writer: SegmentWriter, batch: list[Exchange]) -> None:
-        self._respect_disk_cap(batch)
-        records: list[FramedRecord] = []
-        size = 0
-        for exchange in batch:
-            request, response = _kept(exchange.request_body), _kept(exchange.response_body)
-            carried = _stored_size(request) + _stored_size(response)
-            large = carried >= MAX_FRAME_BYTES
+    def _settle(self, exchanges: Iterable[Exchange], kept: bool) -> None:
+        """Tell each exchange whose response waits for its record whether it is kept. Runs
+        on the writer thread without the lock; a callback that raises is counted, never
+        allowed to stop the writer."""
+        for exchange in exchanges:
+            callback = exchange.on_written
+            if callback is None:
+                continue
             try:
-                if large:
-                    meta = self._draft(exchange)
-                else:
-                    packed: list[str] = []
-                    digests: dict[str, str] = {}
-                    request_chunks = self._pack(request, "request", packed, digests)
-                    response_chunks = self._pack(response, "response", packed, digests)
-                    meta = self._draft(exchange, packed, digests)
+                callback(kept)
             except Exception:
-                self.errors += 1
-                logger.warning("asgi-audit: could not encode a record", exc_info=True)
-                continue
-            if large:
-                # Spilled bodies weigh nothing in the queue: a large one is streamed from
-                # its spill file into a frame of its own, never held in memory whole.
-                if records:
-                    self._append(writer, records)
-                    records, size = [], 0
-                self._append_large(writer, meta, request, response, carried)
-                continue
-            records.append((meta, request_chunks, response_chunks))
-            size += carried
-            if size >= MAX_FRAME_BYTES:
-                self._append(writer, records)
-                records, size = [], 0
-        if records:
-            self._append(writer, records)
-        for exchange in batch:
-            exchange.discard()
+                self.callback_errors += 1
+                (logger.debug if self.callback_errors > 1 else logger.warning)(
+                    "asgi-audit: an on_written callback failed", exc_info=True
+                )
 
-    def _append(self, writer: SegmentWriter, records: list[FramedRecord]) -> None:
-        header, payload = encode_frame(records)
+    # -- writing a batch -------------------------------------------------------------------
+
+    def _write(self, writer: SegmentWriter, batch: list[Exchange]) -> None:
+        """Encode and append a batch: records joined into frames carrying at most
+        MAX_FRAME_BYTES, a large record streamed into a frame of its own. Whatever goes
+        wrong, each exchange ends up written (held until synced) or settled as not kept,
+        exactly once."""
+        self._respect_disk_cap(batch)
+        waiting = deque(batch)
+        records: list[_Small | _Large] = []
+        size = 0
+        try:
+            while waiting:
+                record = self._encode(waiting.popleft())
+                if record is None:
+                    continue
+                records.append(record)
+                size += record.carried
+                if size >= MAX_FRAME_BYTES:
+                    self._append_records(writer, records)
+                    size = 0
+            self._append_records(writer, records)
+        except BaseException:
+            self._lose([record.exchange for record in records] + list(waiting))
+            raise
+
+    def _append_records(self, writer: SegmentWriter, records: list[_Small | _Large]) -> None:
+        """Append ``records`` in order, each leaving the list once written: a run of small
+        ones as one frame, a large one as a frame of its own."""
+        while records:
+            first = records[0]
+            if isinstance(first, _Large):
+                written, taken = self._append_large(writer, first), 1
+            else:
+                run = _leading_small(records)
+                written, taken = self._append_small(writer, run), len(run)
+            del records[:taken]
+            self.written += len(written.exchanges)
+            self._hold(written)
+
+    def _hold(self, written: _Written) -> None:
+        """Keep a written frame until a sync covers it (with ``fsync="off"`` it counts as
+        kept at once)."""
+        if self.fsync == "off":
+            self._settle_written(written, True)
+        else:
+            self._pending.append(written)
+
+    def _settle_written(self, written: _Written, kept: bool) -> None:
+        self._settle(written.exchanges, kept)
+        if written.large is not None:
+            _discard(written.exchanges)  # its spill files, kept until now
+
+    def _append_small(self, writer: SegmentWriter, records: list[_Small]) -> _Written:
+        header, payload = encode_frame([(r.meta, r.request, r.response) for r in records])
         self._retrying(lambda: writer.append(header, payload))
-        self.written += len(records)
+        exchanges = [record.exchange for record in records]
+        _discard(exchanges)  # the frame holds their bytes now: spill files can go
+        return _Written(exchanges, header, payload)
 
-    def _append_large(
-        self,
-        writer: SegmentWriter,
-        meta: bytes,
-        request: Body | None,
-        response: Body | None,
-        carried: int,
-    ) -> None:
-        """One record as its own frame, read in blocks twice: once for the checksum the
-        header carries, once to write (the second read comes from the page cache)."""
-        request_size, response_size = _stored_size(request), _stored_size(response)
+    def _append_large(self, writer: SegmentWriter, record: _Large) -> _Written:
+        """Stream a large record from its spill files into a frame (read twice: once for
+        the checksum its header carries, once to write, which comes from the page cache).
+        A spill file that cannot be read any more is left out, as :meth:`_encode` does."""
+        while True:
+            try:
+                self._retrying(
+                    functools.partial(
+                        writer.append_stream, record.header, record.parts, record.length
+                    )
+                )
+            except _Unreadable as failure:
+                shown = self._without(record.shown, failure)
+                refitted = self._framed(record.exchange, shown, record.seq)
+                if isinstance(refitted, _Small):
+                    return self._append_small(writer, [refitted])
+                record = refitted
+                continue
+            return _Written([record.exchange], record.header, large=record)
 
-        def parts() -> Iterator[bytes]:
-            yield record_header(meta, request_size, response_size)
-            yield meta
-            yield from _chunks_of(request)
-            yield from _chunks_of(response)
+    def _sync_pending(self) -> None:
+        """Sync what was written since the last good sync, then settle it as kept.
 
-        crc = 0
-        for part in parts():
-            crc = zlib.crc32(part, crc)
-        length = RECORD_HEADER.size + len(meta) + carried
-        self._retrying(lambda: writer.append_stream(frame_header(crc, length), parts, length))
-        self.written += 1
+        A failed ``fdatasync`` may have dropped those pages, and a retry can report
+        success without writing them ("fsyncgate"): so the segments written since the
+        last good sync are sealed (never appended to again; the shipper still reads them,
+        and a sink ignores an id it holds), and the frames are written again, from
+        memory, to a new segment, until a sync succeeds."""
+        writer = self._writer
+        assert writer is not None  # pending frames were written by it
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                writer.sync()
+                break
+            except OSError as exc:
+                self.errors += 1
+                self.sync_failures += 1
+                self._suspect = True
+                self._sync_log.failed(exc)
+                writer.seal()
+                self._pause(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                self._rewrite(writer)
+        self._sync_log.recovered()
+        self._suspect = False
+        done, self._pending = self._pending, []
+        for written in done:
+            self._settle_written(written, True)
+
+    def _rewrite(self, writer: SegmentWriter) -> None:
+        """Write every pending frame again (the segment starts afresh after ``seal``)."""
+        for index, written in enumerate(self._pending):
+            if written.large is not None:
+                self._pending[index] = self._append_large(writer, written.large)
+            else:
+                assert written.payload is not None
+                self._retrying(functools.partial(writer.append, written.header, written.payload))
 
     def _retrying(self, write: Callable[[], None]) -> None:
+        """Run ``write`` until it works: the disk may be full for a while, and the queue
+        before the writer bounds what waits meanwhile. Retries back off exponentially,
+        and are logged by kind, not one traceback per attempt."""
+        delay = BACKOFF_FIRST
         while True:
             try:
                 write()
-                return
-            except OSError:
+                break
+            except OSError as exc:
                 self.errors += 1
-                logger.warning("asgi-audit: spool write failed; retrying", exc_info=True)
-                time.sleep(min(1.0, self.interval * 4))
+                self._write_log.failed(exc)
+                self._pause(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+        self._write_log.recovered()
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before a retry; raises :class:`_GiveUp` once a shutdown's deadline has
+        passed, so that a disk that stays broken cannot hold the thread for ever."""
+        end = time.monotonic() + seconds
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                if self._give_up_at is not None and now >= self._give_up_at:
+                    raise _GiveUp
+                if now >= end:
+                    return
+                limit = end if self._give_up_at is None else min(end, self._give_up_at)
+                self._work.wait(limit - now)
 
     def _respect_disk_cap(self, batch: list[Exchange]) -> None:
-        if self.disk_cap is None:
-            return
-        while spool_bytes(self.root) >= self.disk_cap:
+        while self._over_disk_cap():
             if self._closing and self.overflow == "block":
                 # Shutting down: writing past the cap loses nothing, waiting for the
                 # shipper to make room could outlast the shutdown deadline.
@@ -474,18 +658,101 @@ class SpoolRecorder:
             if self.overflow == "drop":
                 self.dropped += len(batch)
                 logger.warning("asgi-audit: spool over its disk cap; dropping %d", len(batch))
-                for exchange in batch:
-                    exchange.discard()
+                self._settle(batch, False)
+                _discard(batch)
                 batch.clear()
                 return
             time.sleep(self.interval)
 
-    def _sync(self, writer: SegmentWriter) -> None:
+    def _over_disk_cap(self) -> bool:
+        if self.disk_cap is None:
+            return False
         try:
-            writer.sync()
-        except OSError:
+            return spool_bytes(self.root) >= self.disk_cap
+        except OSError:  # cannot tell: writing is what the spool is for
+            logger.debug("asgi-audit: cannot measure the spool", exc_info=True)
+            return False
+
+    # -- encoding a record -------------------------------------------------------------------
+
+    def _encode(self, exchange: Exchange) -> _Small | _Large | None:
+        """One record ready to append, with the next ``seq``; None when it cannot be
+        encoded at all (a lone surrogate in a path): skipped alone, counted, settled."""
+        seq = self._seq + 1
+        try:
+            record = self._framed(exchange, self._readable(exchange), seq)
+        except Exception:
             self.errors += 1
-            logger.warning("asgi-audit: spool sync failed", exc_info=True)
+            logger.warning("asgi-audit: could not encode a record", exc_info=True)
+            self._settle([exchange], False)
+            _discard([exchange])
+            return None
+        self._seq = seq
+        return record
+
+    def _readable(self, exchange: Exchange) -> Exchange:
+        """The exchange as its record will tell it: a body whose spill failed (the spill
+        worker raised: a full disk) stands in as not kept, so that it costs only its own
+        record its bytes, and never the batch."""
+        shown = exchange
+        for name in BODIES:
+            body = _body(shown, name)
+            if body is None:
+                continue
+            try:
+                if body.sent_path is not None:
+                    body.file_size()
+                else:
+                    body.known_sha256()
+                    _ = body.stored_size
+            except Exception as exc:
+                what = "sent file unreadable" if body.sent_path else "spill failed"
+                shown = self._without(shown, _Unreadable(name, f"{what}: {exc}", exc))
+        return shown
+
+    def _without(self, exchange: Exchange, failure: _Unreadable) -> Exchange:
+        """``exchange`` with the body that failed standing in as not kept (its size as
+        counted so far), and why in its ``error``."""
+        self.bodies_not_kept += 1
+        self._body_log.failed(failure.cause)
+        body = _body(exchange, failure.body)
+        assert body is not None
+        stand_in = Body(
+            size=max(body.size, 0),
+            complete=body.complete,
+            truncated=body.truncated,
+            skipped=True,
+        )
+        note = f"{failure.body} body not kept: {failure.reason}"
+        error = f"{exchange.error}; {note}" if exchange.error else note
+        if failure.body == "request":
+            return dataclasses.replace(exchange, request_body=stand_in, error=error)
+        return dataclasses.replace(exchange, response_body=stand_in, error=error)
+
+    def _framed(self, exchange: Exchange, shown: Exchange, seq: int) -> _Small | _Large:
+        """:meth:`_frame_record`, leaving out each body that turns out unreadable."""
+        while True:  # ends: each failure leaves one more body out of the record
+            try:
+                return self._frame_record(exchange, shown, seq)
+            except _Unreadable as failure:
+                shown = self._without(shown, failure)
+
+    def _frame_record(self, exchange: Exchange, shown: Exchange, seq: int) -> _Small | _Large:
+        """``shown`` (``exchange`` as its record tells it) encoded as record ``seq``;
+        raises :class:`_Unreadable` when a kept body's bytes cannot be read."""
+        request, response = _kept(shown.request_body), _kept(shown.response_body)
+        carried = _stored_size(request) + _stored_size(response)
+        if carried >= MAX_FRAME_BYTES:
+            # Spilled bodies weigh nothing in the queue: a large one is streamed from its
+            # spill file into a frame of its own, never held in memory whole.
+            meta = self._draft(shown, seq)
+            return _Large.checked(exchange, shown, seq, meta, request, response)
+        packed: list[str] = []
+        digests: dict[str, str] = {}
+        request_chunks = self._pack(request, "request", packed, digests)
+        response_chunks = self._pack(response, "response", packed, digests)
+        meta = self._draft(shown, seq, packed, digests)
+        return _Small(exchange, carried, meta, request_chunks, response_chunks)
 
     def _pack(
         self, body: Body | None, name: str, packed: list[str], digests: dict[str, str]
@@ -495,7 +762,7 @@ class SpoolRecorder:
         knows it already, so that the shipper need not hash, or unpack, it. Packing here,
         without the GIL, spares the copy into the frame, the checksums, the write, the
         sync and the shipper's read most of their bytes."""
-        chunks = _chunks(body)
+        chunks = list(_read_body(body, name))
         if body is None or body.stored_size < packing.MIN_SIZE:
             return chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -513,13 +780,14 @@ class SpoolRecorder:
     def _draft(
         self,
         exchange: Exchange,
+        seq: int,
         packed: list[str] | None = None,
         digests: dict[str, str] | None = None,
     ) -> bytes:
-        """The record's metadata, redacted and encoded, with the next ``seq``; ``packed``
-        names the bodies the spool keeps zstd-packed, ``digests`` the ones computed here."""
+        """The record's metadata, redacted and encoded, as record ``seq``; ``packed`` names
+        the bodies the spool keeps zstd-packed, ``digests`` the ones computed here."""
         meta = exchange_metadata(exchange)
-        meta["seq"] = self._seq + 1
+        meta["seq"] = seq
         meta = run_pipeline(self.pipeline, meta)
         if packed:
             meta[PACKED] = packed
@@ -527,9 +795,155 @@ class SpoolRecorder:
             meta[f"{name}_body"]["sha256"] = digest
         # Encoded here, one record at a time: a record that cannot be encoded (a lone
         # surrogate in a path) is skipped alone, and leaves no gap in ``seq``.
-        encoded = orjson.dumps(meta)
-        self._seq += 1
-        return encoded
+        return orjson.dumps(meta)
+
+
+class _GiveUp(BaseException):
+    """The shutdown deadline passed while the writer was retrying. A BaseException, so
+    that no ``except Exception`` on the way mistakes it for one record's failure."""
+
+
+class _Unreadable(Exception):
+    """A kept body's bytes cannot be read (its spill failed, its file went away): its
+    record is written without them. Never an OSError: those mean the spool itself failed
+    and are retried."""
+
+    def __init__(self, body: str, reason: str, cause: BaseException) -> None:
+        super().__init__(f"{body} body: {reason}")
+        self.body = body
+        self.reason = reason
+        self.cause = cause
+
+
+@dataclass(slots=True)
+class _Small:
+    """A record joined in memory, ready to share a frame."""
+
+    exchange: Exchange
+    carried: int
+    meta: bytes
+    request: list[bytes]
+    response: list[bytes]
+
+
+@dataclass(slots=True)
+class _Large:
+    """A record whose stored bodies reach MAX_FRAME_BYTES (spilled to disk): written as a
+    frame of its own, streamed from its spill files, which stay until the frame is synced
+    (it may have to be written again)."""
+
+    exchange: Exchange
+    shown: Exchange
+    seq: int
+    meta: bytes
+    request: Body | None
+    response: Body | None
+    carried: int
+    length: int = 0
+    header: bytes = b""
+
+    @classmethod
+    def checked(
+        cls,
+        exchange: Exchange,
+        shown: Exchange,
+        seq: int,
+        meta: bytes,
+        request: Body | None,
+        response: Body | None,
+    ) -> _Large:
+        """The record with its frame header, whose checksum needs a first read of the
+        bodies; raises :class:`_Unreadable` when that read fails."""
+        carried = _stored_size(request) + _stored_size(response)
+        record = cls(exchange, shown, seq, meta, request, response, carried)
+        record.length = RECORD_HEADER.size + len(meta) + carried
+        head = record_header(meta, _stored_size(request), _stored_size(response))
+        crc = zlib.crc32(meta, zlib.crc32(head, frame_crc(record.length)))
+        crc = _body_crc(request, "request", crc)
+        record.header = frame_header(_body_crc(response, "response", crc), record.length)
+        return record
+
+    def parts(self) -> Iterator[bytes]:
+        yield record_header(self.meta, _stored_size(self.request), _stored_size(self.response))
+        yield self.meta
+        yield from _read_body(self.request, "request")
+        yield from _read_body(self.response, "response")
+
+
+@dataclass(slots=True)
+class _Written:
+    """A frame appended since the last good sync: its bytes (or the large record to stream
+    again) are kept until a sync covers it, and its exchanges settled then."""
+
+    exchanges: list[Exchange]
+    header: bytes
+    payload: bytes | None = None
+    large: _Large | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a response waits for this frame's sync (``on_written``)."""
+        return any(exchange.on_written is not None for exchange in self.exchanges)
+
+
+class _FailureLog:
+    """Failures of one operation, logged by kind (errno): a warning with its traceback the
+    first time, then at most one summary a minute while it goes on, and a line when it
+    works again. A disk that stays full must not write a traceback per retry."""
+
+    def __init__(self, what: str, then: str) -> None:
+        self.what = what
+        self.then = then
+        self._kinds: dict[object, _Kind] = {}
+
+    def failed(self, exc: BaseException) -> None:
+        key = getattr(exc, "errno", None) or type(exc).__name__
+        now = time.monotonic()
+        kind = self._kinds.get(key)
+        if kind is None:
+            self._kinds[key] = _Kind(time.time(), now)
+            logger.warning(
+                "asgi-audit: %s failed (%s); %s", self.what, exc, self.then, exc_info=exc
+            )
+            return
+        kind.count += 1
+        if now - kind.reported >= SUMMARY_SECONDS:
+            kind.reported = now
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(kind.since))
+            logger.warning(
+                "asgi-audit: %s failed %d times since %s (last: %s)",
+                self.what,
+                kind.count,
+                since,
+                exc,
+            )
+
+    def recovered(self) -> None:
+        if not self._kinds:
+            return
+        failures = sum(kind.count for kind in self._kinds.values())
+        self._kinds.clear()
+        logger.warning("asgi-audit: %s works again, after %d failures", self.what, failures)
+
+
+@dataclass(slots=True)
+class _Kind:
+    since: float
+    reported: float
+    count: int = 1
+
+
+def _leading_small(records: list[_Small | _Large]) -> list[_Small]:
+    run: list[_Small] = []
+    for record in records:
+        if not isinstance(record, _Small):
+            break
+        run.append(record)
+    return run
+
+
+def _body(exchange: Exchange, name: str) -> Body | None:
+    return exchange.request_body if name == "request" else exchange.response_body
 
 
 def _kept(body: Body | None) -> Body | None:
@@ -543,13 +957,34 @@ def _stored_size(body: Body | None) -> int:
     return 0 if body is None else body.stored_size
 
 
-def _chunks_of(body: Body | None) -> Iterator[bytes]:
-    if body is not None:
+def _read_body(body: Body | None, name: str) -> Iterator[bytes]:
+    """The stored bytes of a body; a failure to read them is the body's, not the spool's."""
+    if body is None:
+        return
+    try:
         yield from body.chunks()
+    except OSError as exc:
+        raise _Unreadable(name, f"spill file unreadable: {exc}", exc) from exc
 
 
-def _chunks(body: Body | None) -> list[bytes]:
-    return list(_chunks_of(body))
+def _body_crc(body: Body | None, name: str, crc: int) -> int:
+    """``crc`` continued over a body's stored bytes, which must be as many as it says: a
+    frame holds exactly what its header announces."""
+    read = 0
+    for chunk in _read_body(body, name):
+        crc = zlib.crc32(chunk, crc)
+        read += len(chunk)
+    expected = _stored_size(body)
+    if read != expected:
+        problem = ValueError(f"{read} bytes where {expected} were stored")
+        raise _Unreadable(name, f"spill file changed: {problem}", problem)
+    return crc
+
+
+def _discard(exchanges: Iterable[Exchange]) -> None:
+    for exchange in exchanges:
+        with contextlib.suppress(Exception):
+            exchange.discard()
 
 
 def _sha256(data: bytes) -> str:

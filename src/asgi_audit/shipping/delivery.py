@@ -96,10 +96,13 @@ class Delivery:
             shipped = thread.stop(_remaining(deadline))
         if not shipped:
             logger.warning(
-                "asgi-audit: not everything was delivered before shutdown; the rest stays "
-                "in the spool %s for the next process",
+                "asgi-audit: the shutdown deadline (%.1f s) passed before everything was "
+                "delivered; the rest stays in the spool %s for the next process",
+                budget,
                 self.settings.spool,
             )
+        elif process is not None or thread is not None:
+            logger.info("asgi-audit: the spool %s is delivered", self.settings.spool)
         return drained and shipped
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -133,16 +136,17 @@ class Delivery:
                 return
             mode = self.settings.ship
             if mode == "process":
-                self._process = ShipperProcess(self.settings.spool, self.settings.sink)
+                self._process = ShipperProcess(
+                    self.settings.spool, self.settings.sink, self.settings.shutdown_timeout
+                )
                 self._process.start()
             elif mode == "thread":
                 self._thread = ShipperThread(self.settings.spool, self.settings.sink)
                 self._thread.start()
 
     def _keep_shipper(self) -> None:
-        """Every few seconds: when this process's child shipper has ended (it found another
-        shipper's lock, and that shipper's process has since died) and nobody holds the
-        spool's lock, start a new child."""
+        """Every few seconds: when this process's child shipper has ended (it failed,
+        or was killed), start a new one."""
         with self._shipping:
             process = self._process
             if process is None or process.running():

@@ -2,11 +2,14 @@
 
 Only one process ships a spool at a time: the holder of its ``shipper.lock``. The app's
 durable path starts a child (``python -m asgi_audit ship --child-of PID``, the same
-command a sidecar runs) that exits at once when another process holds the lock, so
-``--workers N`` end up with one shipper. The child's sink URL travels in its environment,
-never in its arguments (which every local user can read in ``ps``). The parent stops its
-child by closing the child's standard input, which is also what the parent's death looks
-like to it. A thread mode shares the app's GIL: for tests and small apps.
+command a sidecar runs) that waits while another process holds the lock, so ``--workers
+N`` end up with one shipper and N-1 idle ones, and the shipper of a process that is
+stopping (draining, lock held) hands over to the next process's instead of leaving its
+records to nobody. The child's sink URL travels in its environment, never in its
+arguments (which every local user can read in ``ps``). The parent stops its child by
+writing what is left of its shutdown budget to the child's standard input and closing
+it; the end of that input is also what the parent's death looks like to it. A thread
+mode shares the app's GIL: for tests and small apps.
 
 Every wait here takes a ``timeout`` in seconds, converted to a deadline where a loop needs
 one.
@@ -25,7 +28,7 @@ import time
 from pathlib import Path
 
 from ..errors import ShippingStopped
-from ..recording.spool import try_lock, unlock
+from ..recording.spool import private_directory, try_lock, unlock
 from ..sinks import BatchWriter, Sink, open_sink
 from .shipper import Shipper
 
@@ -45,7 +48,7 @@ class ShipperLock:
     def acquire(self) -> bool:
         if self._fd is not None:
             return True  # held already: a second fd would fail and lose the first
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(self.path.parent)
         self._fd = try_lock(self.path)
         return self._fd is not None
 
@@ -134,16 +137,21 @@ class ShipperThread:
 class ShipperProcess:
     """The child process a middleware starts to ship its spool."""
 
-    def __init__(self, spool: str | os.PathLike[str], sink_url: str) -> None:
+    def __init__(
+        self, spool: str | os.PathLike[str], sink_url: str, drain_seconds: float = 20.0
+    ) -> None:
         self.spool = str(spool)
         self.sink_url = sink_url
+        self.drain_seconds = drain_seconds
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        if ShipperLock(self.spool).held_elsewhere():
-            return  # a shipper (another worker's child, or a sidecar) is already there
         environment = {**os.environ, SINK_VARIABLE: self.sink_url}
-        command = [sys.executable, "-m", "asgi_audit", "ship", "--spool", self.spool]
+        command = [
+            sys.executable,
+            *("-m", "asgi_audit", "ship", "--spool", self.spool),
+            *("--drain-seconds", f"{self.drain_seconds:g}"),
+        ]
         self.process = subprocess.Popen(
             [*command, "--child-of", str(os.getpid())],
             stdin=subprocess.PIPE,
@@ -152,7 +160,7 @@ class ShipperProcess:
         )
 
     def running(self) -> bool:
-        """True while the child lives (it exits at once when another holds the lock)."""
+        """True while the child lives (waiting for the lock, or shipping)."""
         process = self.process
         if process is None:
             return False
@@ -175,6 +183,8 @@ class ShipperProcess:
             return True
         if process.stdin is not None:
             with contextlib.suppress(OSError):
+                if timeout is not None:  # the child's last pass gets what is left
+                    process.stdin.write(f"drain {max(0.0, timeout - 0.5):.3f}\n".encode())
                 process.stdin.close()
         try:
             process.wait(None if timeout is None else max(0.1, timeout))
@@ -191,41 +201,84 @@ class ShipperProcess:
         self.process = None
 
 
+class StopRequest:
+    """How a shipper is asked to stop, and how long its last pass may take.
+
+    A signal (SIGTERM, SIGINT), or for a child shipper the end of its stdin, sets it;
+    a parent may first write ``drain <seconds>`` on that stdin: what is left of its own
+    ``shutdown_timeout``, which then bounds the child's last pass."""
+
+    def __init__(self, drain_seconds: float) -> None:
+        self.event = threading.Event()
+        self.drain_seconds = drain_seconds
+        self.deadline: float | None = None
+
+    def set(self, drain_seconds: float | None = None) -> None:
+        if drain_seconds is not None:
+            self.drain_seconds = drain_seconds
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.drain_seconds
+        self.event.set()
+
+    def remaining(self) -> float:
+        if self.deadline is None:
+            return self.drain_seconds
+        return max(0.0, self.deadline - time.monotonic())
+
+    def watch_stdin(self) -> None:
+        """Read stdin until its end (on a daemon thread)."""
+        buffered = b""
+        drain: float | None = None
+        # os.read on the descriptor, not sys.stdin: a daemon thread blocked inside a
+        # buffered reader's lock aborts the interpreter at exit ("could not acquire
+        # lock for <stdin> at interpreter shutdown").
+        with contextlib.suppress(OSError):
+            while data := os.read(0, 4096):
+                buffered = (buffered + data)[-4096:]
+                *lines, buffered = buffered.split(b"\n")
+                for line in lines:
+                    words = line.split()
+                    if len(words) == 2 and words[0] == b"drain":
+                        with contextlib.suppress(ValueError):
+                            drain = max(0.0, float(words[1]))
+        self.set(drain)
+
+
 def serve(
     spool: str,
     sink_url: str,
     *,
     parent: int | None = None,
-    wait_for_lock: bool = True,
     drain_seconds: float = 20.0,
     once: bool = False,
     stop_on_eof: bool = False,
     keep_delivered: bool = False,
 ) -> int:
     """Ship a spool until told to stop (SIGTERM, SIGINT, or with ``stop_on_eof`` the end
-    of stdin: how the parent of a child shipper asks, and what its death looks like).
-    Returns the process exit code."""
+    of stdin: how the parent of a child shipper asks, and what its death looks like),
+    then deliver what is left within ``drain_seconds``. Returns the process exit code:
+    0 when the spool was delivered, 3 when the deadline passed first.
+
+    While another process holds the spool's ``shipper.lock`` (the shipper of a process
+    that is stopping, another worker's, a sidecar) it waits for it, and a stop request
+    does not end that wait before the drain deadline: a process's records are never
+    left without a shipper while it lives, nor because its shipper came second."""
     lock = ShipperLock(spool)
-    stop = threading.Event()
+    stop = StopRequest(drain_seconds)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if stop_on_eof:
-
-        def watch_stdin() -> None:
-            # os.read on the descriptor, not sys.stdin: a daemon thread blocked inside a
-            # buffered reader's lock aborts the interpreter at exit ("could not acquire
-            # lock for <stdin> at interpreter shutdown").
-            with contextlib.suppress(OSError):
-                while os.read(0, 4096):
-                    pass
-            stop.set()
-
-        threading.Thread(target=watch_stdin, name="asgi-audit-stdin", daemon=True).start()
+        threading.Thread(target=stop.watch_stdin, name="asgi-audit-stdin", daemon=True).start()
     while not lock.acquire():
-        if not wait_for_lock or stop.wait(1.0):
+        if stop.event.is_set() and stop.remaining() <= 0:
+            logger.warning(
+                "asgi-audit: another shipper still held %s at the deadline; it delivers the spool",
+                lock.path,
+            )
             return 0
+        time.sleep(0.2)
     try:
-        sink = open_until_stopped(sink_url, stop, retry=not once)
+        sink = open_until_stopped(sink_url, stop.event, retry=not once)
     except ShippingStopped:
         lock.release()
         return 3
@@ -243,15 +296,34 @@ def serve(
             if parent is not None and os.getppid() != parent:
                 stop.set()
 
-        shipper.run(stop, on_pass=watch_parent)
-        try:
-            shipper.ship_once(timeout=drain_seconds)
-        except ShippingStopped:
-            return 3
-        return 0
+        shipper.run(stop.event, on_pass=watch_parent)
+        return _drain(shipper, stop.remaining())
     finally:
         sink.close()
         lock.release()
+
+
+def _drain(shipper: Shipper, seconds: float) -> int:
+    """The last pass, bounded by ``seconds``; says whether the spool was delivered."""
+    try:
+        report = shipper.ship_once(timeout=seconds)
+    except ShippingStopped:
+        logger.warning(
+            "asgi-audit: the drain deadline (%.1f s) passed before the sink took everything; "
+            "the rest stays in the spool %s",
+            seconds,
+            shipper.root,
+        )
+        return 3
+    if report.pending_streams:
+        logger.warning(
+            "asgi-audit: stopped with %d live stream(s) still being written in %s",
+            report.pending_streams,
+            shipper.root,
+        )
+    else:
+        logger.info("asgi-audit: the spool %s is delivered", shipper.root)
+    return 0
 
 
 def open_until_stopped(url: str, stop: threading.Event, *, retry: bool) -> Sink:

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ShippingStopped
+from ..errors import RecordRefused, ShippingStopped
 from ..recording import packing
-from ..recording.frames import Frame, SpooledRecord, Tail, decode_payload, read_frames
+from ..recording.frames import Damage, Frame, SpooledRecord, Tail, decode_payload, read_frames
 from ..recording.spool import Checkpoint, StreamDirectory, streams, try_lock, unlock
 from ..sinks import BatchWriter
 from ..sinks.record import StoredRecord
+from .quarantine import Quarantine
 
 logger = logging.getLogger("asgi_audit.shipper")
 
@@ -38,13 +39,20 @@ EMPTY_STREAM_GRACE = 60.0
 
 @dataclass
 class ShipReport:
-    """What one pass delivered and repaired."""
+    """What one pass delivered, set aside and repaired."""
 
     delivered: int = 0
     batches: int = 0
     repaired_bytes: int = 0
     adopted: list[str] = field(default_factory=list)
     pending_streams: int = 0
+    quarantined: int = 0
+    damaged: list[tuple[str, str, int, int]] = field(default_factory=list)
+    """Byte ranges skipped as damaged: (stream, segment, first byte, end)."""
+
+
+Entry = tuple[SpooledRecord, StoredRecord]
+"""A record on its way: as the spool holds it (for the quarantine) and as sinks take it."""
 
 
 def stored_record(spooled: SpooledRecord) -> StoredRecord:
@@ -113,6 +121,10 @@ class Shipper:
         self.backoff_max = backoff_max
         self.failures = 0
         self.delivered = 0
+        self.quarantined = 0
+        self.damaged_bytes = 0
+        self.quarantine = Quarantine(self.root)
+        self.failure_log = FailureLog()
 
     def ship_once(
         self, *, timeout: float | None = None, stop: threading.Event | None = None
@@ -161,7 +173,7 @@ class Shipper:
     ) -> None:
         checkpoint = stream.checkpoint()
         segments = stream.segments()
-        batch: list[StoredRecord] = []
+        batch: list[Entry] = []
         size = 0
         position = checkpoint
         for index, segment in enumerate(segments):
@@ -171,15 +183,21 @@ class Shipper:
             start = checkpoint.offset if segment == checkpoint.segment else 0
             for item in read_frames(stream.directory / segment, start):
                 if isinstance(item, Frame):
-                    for spooled in decode_payload(item.payload, unpack=self.unpack):
-                        record = stored_record(spooled)
-                        batch.append(record)
+                    for spooled in self._records(item, stream, segment, report):
+                        entry = self._settle(spooled, stream, report)
+                        if entry is None:
+                            continue
+                        batch.append(entry)
                         size += len(spooled.request_packed or spooled.request)
                         size += len(spooled.response_packed or spooled.response)
                     position = Checkpoint(segment, item.end, position.delivered)
                     if len(batch) >= self.batch_records or size >= self.batch_bytes:
                         position = self._deliver(stream, batch, position, report, deadline, stop)
                         batch, size = [], 0
+                    continue
+                if isinstance(item, Damage):
+                    self._damaged(stream, segment, item.offset, item.end, item.reason, report)
+                    position = Checkpoint(segment, item.end, position.delivered)
                     continue
                 assert isinstance(item, Tail)
                 if item.reason != "end" and not (alive and last):  # a live writer's tail
@@ -192,28 +210,132 @@ class Shipper:
             stream.save_checkpoint(position)
         self._clean(stream, alive, report)
 
+    def _records(
+        self, frame: Frame, stream: StreamDirectory, segment: str, report: ShipReport
+    ) -> list[SpooledRecord]:
+        """The records of a frame; a frame whose checksum holds but whose records cannot
+        be decoded (written by a broken or unknown writer) is reported as damage."""
+        try:
+            return list(decode_payload(frame.payload, unpack=self.unpack))
+        except Exception as exc:
+            self._damaged(stream, segment, frame.offset, frame.end, f"undecodable ({exc})", report)
+            return []
+
+    def _settle(
+        self, spooled: SpooledRecord, stream: StreamDirectory, report: ShipReport
+    ) -> Entry | None:
+        """The record as sinks take it; one that cannot be made into a record goes to
+        the quarantine (None)."""
+        try:
+            return spooled, stored_record(spooled)
+        except Exception as exc:
+            self.quarantine.put(spooled, f"not a valid record: {exc!r}", stream.name)
+            report.quarantined += 1
+            self.quarantined += 1
+            return None
+
+    def _damaged(
+        self,
+        stream: StreamDirectory,
+        segment: str,
+        offset: int,
+        end: int,
+        reason: str,
+        report: ShipReport,
+    ) -> None:
+        report.damaged.append((stream.name, segment, offset, end))
+        self.damaged_bytes += end - offset
+        logger.warning(
+            "asgi-audit: spool segment %s is damaged at bytes %d-%d (%s); skipped, the "
+            "records around it are shipped",
+            stream.directory / segment,
+            offset,
+            end,
+            reason,
+        )
+
     def _deliver(
         self,
         stream: StreamDirectory,
-        batch: list[StoredRecord],
+        batch: list[Entry],
         position: Checkpoint,
         report: ShipReport,
         deadline: float | None,
         stop: threading.Event | None,
     ) -> Checkpoint:
+        """Deliver ``batch`` (records the sink refuses for good go to the quarantine),
+        then move the checkpoint past it."""
+        self._write(stream, batch, report, deadline, stop)
+        delivered = Checkpoint(position.segment, position.offset, position.delivered + len(batch))
+        stream.save_checkpoint(delivered)
+        return delivered
+
+    def _write(
+        self,
+        stream: StreamDirectory,
+        batch: list[Entry],
+        report: ShipReport,
+        deadline: float | None,
+        stop: threading.Event | None,
+    ) -> None:
+        """Write ``batch``, retrying while the sink is unavailable. A batch it refuses for
+        what it holds is split in halves until the refused records are alone (or named
+        by the sink), and those are quarantined."""
+        pending = [batch]
+        while pending:
+            part = pending.pop()
+            try:
+                self._write_retrying([record for _, record in part], deadline, stop)
+            except RecordRefused as refused:
+                named = set(refused.ids)
+                if named and any(record.id in named for _, record in part):
+                    self._set_aside([e for e in part if e[1].id in named], refused, stream, report)
+                    rest = [e for e in part if e[1].id not in named]
+                    if rest:
+                        pending.append(rest)
+                elif len(part) == 1:
+                    self._set_aside(part, refused, stream, report)
+                else:
+                    middle = len(part) // 2
+                    pending.extend((part[middle:], part[:middle]))
+                continue
+            self.delivered += len(part)
+            report.delivered += len(part)
+            report.batches += 1
+
+    def _set_aside(
+        self,
+        entries: list[Entry],
+        refused: RecordRefused,
+        stream: StreamDirectory,
+        report: ShipReport,
+    ) -> None:
+        reason = str(refused)
+        cause = refused.__cause__
+        if cause is not None and str(cause) and str(cause) not in reason:
+            reason = f"{reason}: {cause}"
+        for spooled, _ in entries:
+            self.quarantine.put(spooled, reason, stream.name)
+        report.quarantined += len(entries)
+        self.quarantined += len(entries)
+
+    def _write_retrying(
+        self,
+        records: list[StoredRecord],
+        deadline: float | None,
+        stop: threading.Event | None,
+    ) -> None:
+        """``sink.write_batch`` until it succeeds; :class:`RecordRefused` is raised to
+        the caller, any other error is taken for a sink that is unavailable for now."""
         delay = self.backoff_initial
         while True:
             try:
-                self.sink.write_batch(batch)
-                break
+                self.sink.write_batch(records)
+            except RecordRefused:
+                raise
             except Exception as exc:
                 self.failures += 1
-                logger.warning(
-                    "asgi-audit: sink refused %d records (%s); retrying in %.1fs",
-                    len(batch),
-                    exc,
-                    delay,
-                )
+                self.failure_log.failed(exc, len(records), delay)
                 pause = delay * random.uniform(0.5, 1.5)
                 if deadline is not None and time.monotonic() + pause > deadline:
                     raise ShippingStopped from exc
@@ -223,12 +345,9 @@ class Shipper:
                 else:
                     time.sleep(pause)
                 delay = min(delay * 2, self.backoff_max)
-        delivered = Checkpoint(position.segment, position.offset, position.delivered + len(batch))
-        stream.save_checkpoint(delivered)
-        self.delivered += len(batch)
-        report.delivered += len(batch)
-        report.batches += 1
-        return delivered
+                continue
+            self.failure_log.succeeded()
+            return
 
     def _clean(self, stream: StreamDirectory, alive: bool, report: ShipReport) -> None:
         """Delete delivered segments; remove a dead stream once it is fully delivered."""
@@ -269,3 +388,52 @@ class Shipper:
             if on_pass is not None:
                 on_pass()
             stop.wait(poll)
+
+
+class FailureLog:
+    """Logs a sink's failures without flooding: the first of each kind as a warning,
+    then one summary a minute while they go on, and one line when the sink recovers."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        self.every = every
+        self._kinds: dict[str, int] = {}
+        self._since = 0.0
+        self._last_summary = 0.0
+        self._total = 0
+
+    def failed(self, exc: BaseException, records: int, delay: float) -> None:
+        now = time.monotonic()
+        kind = type(exc).__name__
+        if not self._total:
+            self._since = self._last_summary = now
+        self._total += 1
+        if kind not in self._kinds:
+            self._kinds[kind] = 1
+            logger.warning(
+                "asgi-audit: the sink cannot take %d records (%s: %s); the spool keeps "
+                "them, retrying in %.1f s and backing off",
+                records,
+                kind,
+                exc,
+                delay,
+            )
+            return
+        self._kinds[kind] += 1
+        if now - self._last_summary >= self.every:
+            self._last_summary = now
+            logger.warning(
+                "asgi-audit: the sink has failed %d times in %.0f s (%s); still retrying",
+                self._total,
+                now - self._since,
+                ", ".join(f"{k} x{n}" for k, n in self._kinds.items()),
+            )
+
+    def succeeded(self) -> None:
+        if self._total:
+            logger.warning(
+                "asgi-audit: the sink takes records again after %d failures in %.0f s",
+                self._total,
+                time.monotonic() - self._since,
+            )
+            self._kinds.clear()
+            self._total = 0

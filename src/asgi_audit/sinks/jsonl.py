@@ -14,6 +14,21 @@ writer keeps the set of ids in the directory, built by scanning the files when i
 lock; that scan also repairs a torn last line and fsyncs what it counted, so an id is only
 ever treated as stored once it is on disk.
 
+Damaged lines. A complete line that is not a record (not JSON, cut short and followed by
+others, or JSON of the wrong shape: a person's edit, a disk error, another program
+appending) must not hide the rest of the file: listings and counts skip it and log a
+warning naming the file and line (once per line and sink); only ``get`` of that very
+record (its id read from the start of the line, where the writer puts it) raises
+:class:`CorruptRecord` naming them, and only when no intact copy of it exists. The writer
+counts such a record as not stored, so a re-delivery appends an intact copy.
+
+Refusals: a record whose line cannot be encoded (metadata that is not JSON-able, a packed
+body that does not unpack) is refused (:class:`RecordRefused`, naming it) before anything
+is appended. A full disk or an I/O error stays a :class:`SinkError`, retried.
+
+Modes: the directory (and any parent the sink makes) is 0700, the files and the lock
+0600, whatever the umask (see :mod:`asgi_audit.sinks.files`).
+
 Reads scan the files: fine for the volumes this sink is meant for; use SQLite to query.
 """
 
@@ -25,6 +40,7 @@ import contextlib
 import fcntl
 import heapq
 import json
+import logging
 import os
 import re
 import threading
@@ -33,21 +49,44 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from ..errors import SinkError
+from ..errors import CorruptRecord, SinkError
+from ..recording import packing
 from ..recording.spool import fsync_directory
-from .files import ensure_directory, existing, file_path
+from .files import FILE_MODE, create_private_file, ensure_directory, existing, file_path
 from .protocols import Query
 from .query import matches
-from .record import StoredRecord, json_text
+from .record import StoredBody, StoredRecord, json_text
+from .refusal import refused
+
+logger = logging.getLogger("asgi_audit.sinks.jsonl")
 
 NS_PER_DAY = 86_400 * 1_000_000_000
 _EPOCH = date(1970, 1, 1)
 _FILE_NAME = re.compile(r"records-(\d{4}-\d{2}-\d{2})\.jsonl")
 _LOCK_NAME = ".writer.lock"
 _BODIES = ("request_body", "response_body")
+_LEADING_ID = re.compile(rb'\{"id":("(?:[^"\\]|\\.)*")')
+"""The id at the start of a line as the writer makes it (metadata's first field), found
+even when the rest of the line is damaged."""
 
 # One candidate of a search: order key, the record without bodies, and where its line is.
 _Candidate = tuple[tuple[int, str], StoredRecord, Path, int]
+
+
+class _Line:
+    """Where a line is, for messages: the file, its line number and byte offset."""
+
+    __slots__ = ("number", "offset", "path")
+
+    def __init__(self, path: Path, number: int, offset: int) -> None:
+        self.path = path
+        self.number = number
+        self.offset = offset
+
+    def __str__(self) -> str:
+        if not self.number:  # read at an offset, without counting lines
+            return f"{self.path} at byte {self.offset}"
+        return f"{self.path}, line {self.number} (byte {self.offset})"
 
 
 class JsonlSink:
@@ -60,6 +99,9 @@ class JsonlSink:
         self._closed = False
         self._lock_fd: int | None = None
         self._ids: set[str] | None = None
+        self._damaged: set[str] = set()
+        """Ids read from damaged lines by the writer's scan (``get`` looks for them)."""
+        self._reported: set[tuple[Path, int]] = set()
 
     def __repr__(self) -> str:
         return f"JsonlSink({os.fspath(self.directory)!r})"
@@ -75,11 +117,20 @@ class JsonlSink:
             ids = self._writer_ids()
             fresh: set[str] = set()
             lines: dict[Path, list[bytes]] = {}
+            reasons: dict[str, str] = {}
             for record in records:
                 if record.id in ids or record.id in fresh:
                     continue
                 fresh.add(record.id)
-                lines.setdefault(self.file_for(record.started_at_ns), []).append(_encode(record))
+                try:
+                    line = _encode(record)
+                    path = self.file_for(record.started_at_ns)
+                except (TypeError, ValueError, OverflowError, RecursionError, CorruptRecord) as exc:
+                    reasons[record.id] = f"cannot be encoded ({type(exc).__name__}: {exc})"
+                    continue
+                lines.setdefault(path, []).append(line)
+            if reasons:
+                raise refused(repr(self), reasons)
             if not lines:
                 return
             try:
@@ -94,13 +145,29 @@ class JsonlSink:
         return self._search(query)
 
     def get(self, record_id: str) -> StoredRecord | None:
+        """The first intact copy of the record; :class:`CorruptRecord` naming the file and
+        line when there is none but a damaged line holds that id."""
         self._check_open()
-        if self._ids is not None and record_id not in self._ids:
+        ids = self._ids
+        if ids is not None and record_id not in ids and record_id not in self._damaged:
             return None  # this instance is the only writer, and its index is complete
+        damage: CorruptRecord | None = None
         for path in self._files(Query()):
-            for offset, line in _complete_lines(path):
-                if _parse(path, offset, line)["id"] == record_id:
-                    return _decode(path, offset, line)
+            for where, line in _complete_lines(path):
+                try:
+                    found = _parse(where, line)["id"]
+                except CorruptRecord as exc:  # not JSON: its id, if any, is where we put it
+                    if damage is None and _leading_id(line) == record_id:
+                        damage = exc
+                    continue
+                if found != record_id:
+                    continue
+                try:
+                    return _decode(where, line)
+                except CorruptRecord as exc:  # a later copy may be intact
+                    damage = damage or exc
+        if damage is not None:
+            raise damage
         return None
 
     def count(self) -> int:
@@ -128,8 +195,10 @@ class JsonlSink:
     def _take_writer_lock(self) -> None:
         if self._lock_fd is not None:
             return
+        path = self.directory / _LOCK_NAME
         try:
-            fd = os.open(self.directory / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            create_private_file(path)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         except OSError as exc:
             raise SinkError(f"{self!r}: cannot create the writer lock: {exc}") from exc
         try:
@@ -141,26 +210,42 @@ class JsonlSink:
 
     def _scan_and_repair(self) -> set[str]:
         ids: set[str] = set()
+        damaged: set[str] = set()
         try:
             for path in self._files(Query()):
                 end = 0
-                for offset, line in _complete_lines(path):
-                    ids.add(_parse(path, offset, line)["id"])
-                    end = offset + len(line)
+                for where, line in _complete_lines(path):
+                    end = where.offset + len(line)
+                    try:
+                        ids.add(_record(_parse(where, line), where).id)
+                    except CorruptRecord as exc:
+                        # Not counted as stored: a re-delivery appends an intact copy.
+                        self._report(where, exc)
+                        found = _leading_id(line)
+                        if found is not None:
+                            damaged.add(found)
                 with open(path, "r+b") as file:
                     if file.seek(0, os.SEEK_END) != end:
                         file.truncate(end)  # a line torn by a crash was never acknowledged
                     os.fsync(file.fileno())
         except OSError as exc:
             raise SinkError(f"{self!r}: cannot scan: {exc}") from exc
+        self._damaged = damaged - ids
         return ids
+
+    def _report(self, where: _Line, exc: CorruptRecord) -> None:
+        """Log a damaged line once per sink: every search passes it again."""
+        key = (where.path, where.offset)
+        if key not in self._reported:
+            self._reported.add(key)
+            logger.warning("%r: skipped a damaged line: %s", self, exc)
 
     def _append(self, lines: dict[Path, list[bytes]]) -> None:
         sizes: dict[Path, int] = {}
         created = False
         try:
             for path, chunk in lines.items():
-                created = created or not path.exists()
+                created = create_private_file(path) or created
                 with open(path, "ab") as file:
                     sizes[path] = file.tell()
                     file.write(b"".join(chunk))
@@ -190,13 +275,19 @@ class JsonlSink:
         return found
 
     def _candidates(self, query: Query) -> Iterator[_Candidate]:
+        """Intact records matching ``query``, the first copy of each id (damaged lines
+        are skipped and reported)."""
         seen: set[str] = set()
         for path in self._files(query):
-            for offset, line in _complete_lines(path):
-                record = StoredRecord.from_metadata(_parse(path, offset, line))
+            for where, line in _complete_lines(path):
+                try:
+                    record = _record(_parse(where, line), where)
+                except CorruptRecord as exc:
+                    self._report(where, exc)
+                    continue
                 if record.id not in seen and matches(query, record):
                     seen.add(record.id)
-                    yield (record.started_at_ns, record.id), record, path, offset
+                    yield (record.started_at_ns, record.id), record, path, where.offset
 
     def _search(self, query: Query) -> Iterator[StoredRecord]:
         candidates = self._candidates(query)
@@ -206,7 +297,13 @@ class JsonlSink:
             pick = heapq.nlargest if query.newest_first else heapq.nsmallest
             chosen = pick(max(query.limit, 0), candidates, key=_key)
         for _, record, path, offset in chosen:
-            yield _read_at(path, offset) if query.with_bodies else record
+            if not query.with_bodies:
+                yield record
+                continue
+            try:
+                yield _read_at(path, offset)
+            except CorruptRecord as exc:  # its bodies are damaged: skipped, like its line
+                self._report(_Line(path, 0, offset), exc)
 
 
 def _key(candidate: _Candidate) -> tuple[int, str]:
@@ -218,20 +315,28 @@ def _encode(record: StoredRecord) -> bytes:
     for name in _BODIES:
         body = getattr(record, name)
         if body is not None:
-            data = None if body.data is None else base64.b64encode(body.data).decode("ascii")
-            line[name] = {**line[name], "encoding": "base64", "data": data}
+            data = _plain(body)
+            text = None if data is None else base64.b64encode(data).decode("ascii")
+            line[name] = {**line[name], "encoding": "base64", "data": text}
     return json_text(line).encode("utf-8") + b"\n"
 
 
-def _complete_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(offset, line) of each newline-terminated line; a last line without one is skipped."""
+def _plain(body: StoredBody) -> bytes | None:
+    """The body's bytes, unpacked if it came packed only (this sink keeps plain bytes)."""
+    if body.data is not None or body.packed is None:
+        return body.data
+    return packing.decode(body.packed, "zstd")
+
+
+def _complete_lines(path: Path) -> Iterator[tuple[_Line, bytes]]:
+    """(where, line) of each newline-terminated line; a last line without one is skipped."""
     try:
         with open(path, "rb") as file:
             offset = 0
-            for line in file:
+            for number, line in enumerate(file, start=1):
                 if not line.endswith(b"\n"):
                     return
-                yield offset, line
+                yield _Line(path, number, offset), line
                 offset += len(line)
     except FileNotFoundError:
         return
@@ -239,31 +344,57 @@ def _complete_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise SinkError(f"cannot read {path}: {exc}") from exc
 
 
-def _parse(path: Path, offset: int, line: bytes) -> dict[str, Any]:
+def _leading_id(line: bytes) -> str | None:
+    """The id a line starts with, read without parsing the rest (which may be damaged)."""
+    match = _LEADING_ID.match(line)
+    if match is None:
+        return None
+    try:
+        found = json.loads(match.group(1))
+    except ValueError:
+        return None
+    return found if isinstance(found, str) else None
+
+
+def _parse(where: _Line, line: bytes) -> dict[str, Any]:
     try:
         value = json.loads(line)
     except ValueError as exc:
-        raise SinkError(f"{path} at byte {offset}: not a JSON record ({exc})") from exc
+        raise CorruptRecord(f"{where}: not a JSON record ({exc})") from exc
     if not isinstance(value, dict) or not isinstance(value.get("id"), str):
-        raise SinkError(f"{path} at byte {offset}: not a record (no string 'id')")
+        raise CorruptRecord(f"{where}: not a record (no string 'id')")
     return value
 
 
-def _decode(path: Path, offset: int, line: bytes) -> StoredRecord:
-    meta = _parse(path, offset, line)
+def _record(
+    meta: dict[str, Any],
+    where: _Line,
+    request: bytes | None = None,
+    response: bytes | None = None,
+) -> StoredRecord:
+    """The record of a parsed line; :class:`CorruptRecord` when the JSON has the wrong
+    shape (a field missing or of the wrong type)."""
+    try:
+        return StoredRecord.from_metadata(meta, request, response)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptRecord(f"{where}: not a record ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode(where: _Line, line: bytes) -> StoredRecord:
+    meta = _parse(where, line)
     data: dict[str, bytes | None] = {}
     for name in _BODIES:
         body = meta.get(name)
         data[name] = None
-        if body is None or body.get("data") is None:
+        if not isinstance(body, dict) or body.get("data") is None:
             continue
         if body.get("encoding") != "base64":
-            raise SinkError(f"{path} at byte {offset}: {name} has unknown encoding")
+            raise CorruptRecord(f"{where}: {name} has unknown encoding")
         try:
             data[name] = base64.b64decode(body["data"], validate=True)
-        except (binascii.Error, TypeError) as exc:
-            raise SinkError(f"{path} at byte {offset}: {name} is not base64 ({exc})") from exc
-    return StoredRecord.from_metadata(meta, data["request_body"], data["response_body"])
+        except (binascii.Error, TypeError, ValueError) as exc:
+            raise CorruptRecord(f"{where}: {name} is not base64 ({exc})") from exc
+    return _record(meta, where, data["request_body"], data["response_body"])
 
 
 def _read_at(path: Path, offset: int) -> StoredRecord:
@@ -273,7 +404,7 @@ def _read_at(path: Path, offset: int) -> StoredRecord:
             line = file.readline()
     except OSError as exc:
         raise SinkError(f"cannot read {path}: {exc}") from exc
-    return _decode(path, offset, line)
+    return _decode(_Line(path, 0, offset), line)
 
 
 def check_url(url: str) -> None:

@@ -3,7 +3,13 @@
 A sink receives batches of :class:`~asgi_audit.sinks.record.StoredRecord` from the shipper.
 ``write_batch`` must be idempotent by record id (delivery is at least once: a batch may
 arrive again after a crash or a retry, and the sink must end up with one copy) and must
-return only once the batch is durable in the sink; raising means "not stored, retry".
+return only once the batch is durable in the sink. Raising means "not stored", in one of
+two ways the shipper tells apart: :class:`~asgi_audit.errors.RecordRefused` when the sink
+will never take what some records hold (the shipper quarantines them: those the refusal's
+``ids`` name, or those it finds by splitting the batch), any other exception when it
+cannot store now (the shipper retries the same batch later). A refusal must leave the
+sink as it was (nothing of the batch stored, connections usable). See
+:mod:`asgi_audit.sinks.refusal`.
 The same object answers the CLI's queries (:class:`Sink`).
 """
 
@@ -43,6 +49,8 @@ class BatchWriter(Protocol):
 
     def write_batch(self, records: Sequence[StoredRecord]) -> None:
         """Store ``records`` durably; a record whose id is already stored is skipped.
+        :class:`~asgi_audit.errors.RecordRefused` when records can never be stored (see
+        the module docstring); anything else raised is retried.
 
         A sink class that sets ``keeps_packed = True`` stores bodies through
         :func:`asgi_audit.sinks.record.kept_bytes`: it may then be given bodies whose

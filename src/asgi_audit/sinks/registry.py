@@ -11,16 +11,27 @@ Each kind of sink is a module (or package) of this room offering two functions:
 
 The modules are named here as strings and imported on first use (as SQLAlchemy finds its
 dialects), so asking for one kind never imports another's dependencies.
+
+A URL that carries its own secret (``postgresql://user:password@...``, ``?password=``,
+``?secret_key=``) lives in manifests, shell histories and process environments; opening
+one logs a warning (once per process and kind, on the ``asgi_audit.sinks`` logger) naming
+where that kind of sink can find the secret instead, with the URL masked. Every message
+here shows a URL through :func:`asgi_audit._urls.mask_url`.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import threading
 from typing import Protocol, cast
 
+from .._urls import inline_secret, mask_url
 from ..capture.settings import DEFAULT_SINK_URL
 from ..errors import ConfigError
 from .protocols import Sink
+
+logger = logging.getLogger("asgi_audit.sinks")
 
 _KINDS = {
     "sqlite": "asgi_audit.sinks.sqlite",
@@ -34,6 +45,23 @@ _KINDS = {
 KNOWN_SCHEMES = ("sqlite", "jsonl", "memory", "postgresql", "s3")
 """Schemes :func:`open_sink` recognises (``postgres`` is accepted as ``postgresql``)."""
 
+SECRET_ALTERNATIVES = {
+    "asgi_audit.sinks.postgres": (
+        "leave the password out of the URL and let libpq find it: the PGPASSWORD "
+        "environment variable, a password file (~/.pgpass, or the file PGPASSFILE names) "
+        "or a PostgreSQL service file (?service=name, PGSERVICEFILE)"
+    ),
+    "asgi_audit.sinks.s3": (
+        "leave credentials out of the URL: set the AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY environment variables, or use a shared credentials file "
+        "(~/.aws/credentials, AWS_SHARED_CREDENTIALS_FILE, ?profile=)"
+    ),
+}
+"""Where each kind of sink can find a secret instead of in its URL."""
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
 
 class _Kind(Protocol):
     """What the module of one kind of sink offers (see the module docstring)."""
@@ -43,15 +71,40 @@ class _Kind(Protocol):
     def open_url(self, url: str, *, create: bool = True) -> Sink: ...
 
 
-def _kind(url: object) -> _Kind:
+def _module(url: object) -> str:
+    """The module of the kind of sink ``url`` names; ConfigError when there is none."""
     if not isinstance(url, str) or not url.partition("://")[0] or "://" not in url:
-        raise ConfigError("sink", f"expected a URL such as {DEFAULT_SINK_URL!r} (got {url!r})")
+        shown = mask_url(url) if isinstance(url, str) else repr(url)
+        raise ConfigError("sink", f"expected a URL such as {DEFAULT_SINK_URL!r} (got {shown!r})")
     scheme = url.partition("://")[0]
     module = _KINDS.get(scheme.lower())
     if module is None:
         known = ", ".join(f"{name}://" for name in KNOWN_SCHEMES)
         raise ConfigError("sink", f"unknown kind of sink {scheme!r}; known: {known}")
-    return cast(_Kind, importlib.import_module(module))
+    return module
+
+
+def _kind(url: object) -> _Kind:
+    return cast(_Kind, importlib.import_module(_module(url)))
+
+
+def warn_inline_secret(url: str) -> None:
+    """Log, once per process and kind of sink, that ``url`` carries a secret, and where
+    that kind can find it instead (never the secret: the URL is masked)."""
+    if not inline_secret(url):
+        return
+    module = _module(url)
+    with _warned_lock:
+        if module in _warned:
+            return
+        _warned.add(module)
+    advice = SECRET_ALTERNATIVES.get(module, "leave secrets out of the URL")
+    logger.warning(
+        "the sink URL %s carries a password or other secret, which ends up in manifests, "
+        "shell histories and process listings; %s",
+        mask_url(url),
+        advice,
+    )
 
 
 def check_sink_url(url: object, parameter: str = "sink") -> str:
@@ -72,5 +125,6 @@ def open_sink(url: str, *, create: bool = True) -> Sink:
     ``create=False`` is for readers (the CLI): a sink that does not exist yet is an error
     rather than a new, empty one at a mistyped path."""
     kind = _kind(url)
+    warn_inline_secret(url)
     kind.check_url(url)
     return kind.open_url(url, create=create)

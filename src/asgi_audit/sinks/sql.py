@@ -3,16 +3,33 @@
 Both keep one row per exchange with the same columns: the indexed copies of what queries
 filter and sort on, ``metadata`` (the whole record as JSON, the source of truth when
 reading back) and the stored body bytes with their encodings. Here are the row a record
-becomes, the record a row becomes again, the WHERE clause of a :class:`Query`, keyset
-paging, and the layout version. What differs between the two databases is passed in as
-a :class:`Dialect` (placeholder style, what text the database can hold, partition
-pruning); DDL, connections and bulk loading stay with each sink.
+becomes (and the checks that refuse a record no row can hold), the record a row becomes
+again, the WHERE clause of a :class:`Query`, keyset paging, and the layout version. What
+differs between the two databases is passed in as a :class:`Dialect` (placeholder style,
+what text the database can hold, partition pruning); DDL, connections and bulk loading
+stay with each sink.
+
+Bounded index columns. The copied columns hold values that came from the client
+(``X-Request-ID``, the path) or from configuration; PostgreSQL refuses a B-tree entry
+over 2704 bytes, and a refused row used to stop its stream's delivery for good. So a
+copied text longer than :data:`INDEX_BYTES` (UTF-8) is stored as its first bytes, cut on
+a character boundary, then ``…`` and 16 hex digits of the SHA-256 of the whole value
+(:func:`bounded`): distinct long values stay distinct, and the column never grows. The
+exact value is in ``metadata``, which is what records are read back from; queries look
+the bounded form up in the index and keep only the records whose exact value matches
+(:func:`keyset_pages`), so a search by a long correlation id finds its record, and a
+short value that happens to equal a bounded one finds nothing it should not. Rows
+written before the columns were bounded (same layout version: the columns did not change,
+only what is written into them) hold the whole value, so a long query value is looked up
+in both forms (:func:`where`). Record ids are not bounded (they are keys, and made by
+asgi-audit): an id longer than :data:`INDEX_BYTES` is refused.
 
 Nothing here imports a database driver.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +38,9 @@ from typing import Any
 from ..errors import CorruptRecord
 from ..recording import packing
 from .protocols import Query
+from .query import matches
 from .record import StoredRecord, json_text, kept_bytes
+from .refusal import refused
 
 LAYOUT_VERSION = 1
 """Version of the SQL sinks' table layout (not of the record schema, which the JSON
@@ -58,6 +77,46 @@ not the order of the table's columns)."""
 
 Row = tuple[Any, ...]
 
+INDEX_BYTES = 256
+"""The most UTF-8 bytes a copied text column holds (see "Bounded index columns" above):
+far under PostgreSQL's 2704-byte B-tree entry even for ``(route, started_at_ns, id)``."""
+DIGEST_CHARS = 16
+"""Hex digits of SHA-256 that end a bounded value (64 bits: no accidental collisions)."""
+_MARK = "\u2026"
+
+INT64 = (-(1 << 63), (1 << 63) - 1)
+INT32 = (-(1 << 31), (1 << 31) - 1)
+"""Ranges of the integer columns: a value outside them is refused, not wrapped (psycopg's
+binary COPY of 2**40 into an int4 column stores 0 without a word)."""
+
+_TEXTS = ("stream", "method", "path", "outcome", "correlation_id", "service")
+_OPTIONAL_TEXTS = ("route", "trace_id")
+
+
+def bounded(value: str) -> str:
+    """``value`` when its UTF-8 form fits :data:`INDEX_BYTES`, else its first bytes (cut
+    on a character boundary), ``…`` and :data:`DIGEST_CHARS` hex digits of the SHA-256
+    of the whole of it: short enough to index, and still telling long values apart."""
+    if len(value) <= INDEX_BYTES // 4:  # at most 4 bytes a character: fits
+        return value
+    data = value.encode("utf-8", "surrogatepass")
+    if len(data) <= INDEX_BYTES:
+        return value
+    digest = hashlib.sha256(data).hexdigest()[:DIGEST_CHARS]
+    cut = INDEX_BYTES - len(_MARK.encode()) - DIGEST_CHARS
+    while cut > 0 and data[cut] & 0xC0 == 0x80:  # not inside a character
+        cut -= 1
+    return data[:cut].decode("utf-8", "surrogatepass") + _MARK + digest
+
+
+def utf8_size(value: str | bytes | None) -> int:
+    """Bytes ``value`` takes in the database (text as UTF-8)."""
+    if value is None:
+        return 0
+    if isinstance(value, bytes) or value.isascii():
+        return len(value)
+    return len(value.encode("utf-8", "surrogatepass"))
+
 
 def surrogate_safe(value: str) -> str:
     """``value`` as valid UTF-8 text (what SQLite needs): a lone surrogate is escaped
@@ -87,20 +146,44 @@ class Dialect:
     prune_partitions: bool = False
     """Whether keyset pages also bound ``started_at_ns`` alone, which a planner can use to
     skip partitions (the row comparison cannot)."""
+    check: Callable[[StoredRecord], str | None] | None = None
+    """What else the database cannot take of a record (a start time it has no partition
+    name for, say): the reason, or None."""
+
+    def index(self, value: str) -> str:
+        """``value`` as a copied column holds it: made safe by :attr:`text`, then
+        :func:`bounded`."""
+        return bounded(self.text(value))
 
 
-def indexed_columns(record: StoredRecord, text: Callable[[str], str]) -> tuple[Any, ...]:
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The most bytes one value and one whole row may take in a database; a record over
+    them is refused before anything is sent (rather than failing in, or exhausting the
+    memory of, the driver or the server)."""
+
+    field_bytes: int
+    row_bytes: int
+
+
+ROW_OVERHEAD = 64 << 10
+"""Bytes a row's limit keeps for what is not its values (headers, the index copies)."""
+
+
+def indexed_columns(record: StoredRecord, dialect: Dialect) -> tuple[Any, ...]:
     """The columns both SQL sinks index, in their shared order (method through
-    ``metadata``); ``text`` makes a string safe for the database's text type."""
+    ``metadata``): texts made safe for the database and bounded (:meth:`Dialect.index`),
+    and the whole record as JSON."""
+    index = dialect.index
     return (
-        text(record.method),
-        None if record.route is None else text(record.route),
-        text(record.path),
+        index(record.method),
+        None if record.route is None else index(record.route),
+        index(record.path),
         record.status,
-        text(record.outcome),
-        text(record.correlation_id),
-        None if record.trace_id is None else text(record.trace_id),
-        text(record.service),
+        index(record.outcome),
+        index(record.correlation_id),
+        None if record.trace_id is None else index(record.trace_id),
+        index(record.service),
         json_text(record.metadata()),
     )
 
@@ -118,14 +201,81 @@ def row(record: StoredRecord, dialect: Dialect) -> Row:
     return (
         record.started_at_ns,
         dialect.text(record.id),
-        dialect.text(record.stream),
+        dialect.index(record.stream),
         record.seq,
-        *indexed_columns(record, dialect.text),
+        *indexed_columns(record, dialect),
         request_encoding,
         response_encoding,
         request,
         response,
     )
+
+
+def rows(
+    records: Sequence[StoredRecord], dialect: Dialect, limits: Limits, label: str
+) -> list[Row]:
+    """The rows of ``records``, or :class:`~asgi_audit.errors.RecordRefused` naming every
+    record no row can hold (``label`` starts its message): a field of the wrong type or
+    out of its column's range, an id too long to index, a value or row over ``limits``,
+    metadata that cannot be written as JSON. Checked here, record by record, so that the
+    refusal names its records and nothing half-written reaches the database."""
+    made: list[Row] = []
+    reasons: dict[str, str] = {}
+    for record in records:
+        reason = wrong_fields(record, dialect)
+        if reason is None:
+            try:
+                made.append(row(record, dialect))
+            except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+                reason = f"cannot be encoded ({type(exc).__name__}: {exc})"
+            else:
+                reason = too_large(made[-1], limits)
+        if reason is not None:
+            reasons[record.id if isinstance(record.id, str) else repr(record.id)] = reason
+    if reasons:
+        raise refused(label, reasons)
+    return made
+
+
+def wrong_fields(record: StoredRecord, dialect: Dialect) -> str | None:
+    """Why the columns cannot hold ``record`` (a type, a range, an id too long), or None."""
+    if not isinstance(record.id, str) or not record.id:
+        return f"its id is not a non-empty string ({type(record.id).__name__})"
+    if utf8_size(dialect.text(record.id)) > INDEX_BYTES:
+        return f"its id has more than {INDEX_BYTES} bytes"
+    for name in _TEXTS:
+        if not isinstance(getattr(record, name), str):
+            return f"{name} is a {type(getattr(record, name)).__name__}, not a string"
+    for name in _OPTIONAL_TEXTS:
+        if not isinstance(getattr(record, name), str | None):
+            return f"{name} is a {type(getattr(record, name)).__name__}, not a string"
+    for name, (low, high), optional in (
+        ("started_at_ns", INT64, False),
+        ("seq", INT64, False),
+        ("status", INT32, True),
+    ):
+        value = getattr(record, name)
+        if value is None and optional:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{name} is a {type(value).__name__}, not an integer"
+        if not low <= value <= high:
+            return f"{name} {value} is out of its column's range [{low}, {high}]"
+    return None if dialect.check is None else dialect.check(record)
+
+
+def too_large(values: Row, limits: Limits) -> str | None:
+    """Why ``values`` (a row) is over ``limits``, or None."""
+    total = ROW_OVERHEAD
+    for name, value in zip(ROW_COLUMNS, values, strict=True):
+        if isinstance(value, str | bytes):
+            size = utf8_size(value)
+            if size > limits.field_bytes:
+                return f"{name} has {size} bytes, over the {limits.field_bytes} a value may hold"
+            total += size
+    if total > limits.row_bytes:
+        return f"the row has {total} bytes, over the {limits.row_bytes} a row may hold"
+    return None
 
 
 def record_from_row(row: Sequence[Any], record_id: str | None = None) -> StoredRecord:
@@ -154,22 +304,38 @@ def _which(record_id: str | None) -> str:
 
 def where(query: Query, dialect: Dialect) -> tuple[list[str], list[Any]]:
     """The conditions (to be joined by AND) and their parameters that select what
-    ``query`` filters on; limit and order are the pages' business."""
-    text = dialect.text
+    ``query`` filters on; limit and order are the pages' business.
+
+    Text is compared in the form the columns hold (:meth:`Dialect.index`), which may
+    select records whose exact value differs (a bounded value, an escaped character):
+    :func:`keyset_pages` keeps only the records that match exactly. A value long enough
+    to be bounded is also looked up whole, as rows written before bounding hold it."""
+    mark = dialect.placeholder
     conditions: list[str] = []
     params: list[Any] = []
-    for clause, value in (
+    for clause, number in (
         ("started_at_ns >=", query.since_ns),
         ("started_at_ns <", query.until_ns),
-        ("route =", None if query.route is None else text(query.route)),
-        ("method =", None if query.method is None else text(query.method)),
         ("status >=", query.status_low),
         ("status <=", query.status_high),
-        ("correlation_id =", None if query.correlation_id is None else text(query.correlation_id)),
     ):
-        if value is not None:
-            conditions.append(f"{clause} {dialect.placeholder}")
-            params.append(value)
+        if number is not None:
+            conditions.append(f"{clause} {mark}")
+            params.append(number)
+    for column, text in (
+        ("route", query.route),
+        ("method", query.method),
+        ("correlation_id", query.correlation_id),
+    ):
+        if text is None:
+            continue
+        key, whole = dialect.index(text), dialect.text(text)
+        if key == whole:
+            conditions.append(f"{column} = {mark}")
+            params.append(key)
+        else:
+            conditions.append(f"{column} IN ({mark}, {mark})")
+            params.extend((key, whole))
     return conditions, params
 
 
@@ -212,22 +378,33 @@ PageFetch = Callable[[tuple[int, str] | None, int], Sequence[Sequence[Any]]]
 metadata)`` past the keyset position ``after`` (None: from the start), in query order."""
 
 
-def keyset_pages(limit: int | None, page_rows: int, fetch: PageFetch) -> Iterator[StoredRecord]:
+def keyset_pages(
+    limit: int | None,
+    page_rows: int,
+    fetch: PageFetch,
+    keep: Callable[[StoredRecord], bool] | None = None,
+) -> Iterator[StoredRecord]:
     """Records page by page on ``(started_at_ns, id)``, the way both SQL sinks read: no
     cursor or transaction spans the caller's loop, and each page is an index range scan
-    however far in it starts."""
+    however far in it starts. ``keep`` drops records the indexed columns selected but
+    whose exact values do not match (see :func:`where`); ``limit`` counts kept ones."""
     remaining = limit
     last: tuple[int, str] | None = None
     while remaining is None or remaining > 0:
         size = page_rows if remaining is None else min(page_rows, remaining)
-        rows = fetch(last, size)
-        for found in rows:
-            yield record_from_row(found[2:], found[1])
-        if len(rows) < size:
+        page = fetch(last, size)
+        for found in page:
+            record = record_from_row(found[2:], found[1])
+            if keep is not None and not keep(record):
+                continue
+            yield record
+            if remaining is not None:
+                remaining -= 1
+                if remaining == 0:
+                    return
+        if len(page) < size:
             return
-        last = (rows[-1][0], rows[-1][1])
-        if remaining is not None:
-            remaining -= len(rows)
+        last = (page[-1][0], page[-1][1])
 
 
 def search(
@@ -240,7 +417,12 @@ def search(
     :func:`keyset_pages`); ``run(statement, parameters)`` gives the rows of one page."""
     statement = page_statements(query, table, dialect)
     page_rows = PAGE_ROWS_WITH_BODIES if query.with_bodies else PAGE_ROWS
-    return keyset_pages(query.limit, page_rows, lambda last, size: run(*statement(last, size)))
+    return keyset_pages(
+        query.limit,
+        page_rows,
+        lambda last, size: run(*statement(last, size)),
+        lambda record: matches(query, record),
+    )
 
 
 def newer_layout(what: str, found: int) -> str:

@@ -38,6 +38,20 @@ needs session-level connections: direct, or PgBouncer in session mode). A sessio
 ``synchronous_commit`` is ``off`` is set back to ``on``: the shipper drops spooled records
 once ``write_batch`` returns, so the commit must be durable by then.
 
+Refusals. What a row cannot hold is refused before anything is sent, naming the records
+(:func:`asgi_audit.sinks.sql.rows`): a ``bytea`` or ``text`` value, or a whole row, over
+:data:`MAX_BYTES` (PostgreSQL's 1 GB; the server would fail to allocate it, after the
+client had copied it), an integer out of its column's range (binary COPY would wrap it
+silently), a start time with no possible day partition. What the server refuses for the
+data itself, in the COPY or the INSERT, is a :class:`RecordRefused` too (see
+:func:`refused_by_server`): SQLSTATE class 22 (data exceptions: NUL or invalid UTF-8,
+values out of range), class 23 but ``unique_violation`` (duplicates are skipped by
+``ON CONFLICT DO NOTHING``; a unique violation can then only be a race, retried) and
+``check_violation`` (the missing-partition case, handled above), and 54000 (an index row
+too large). The transaction is rolled back, so the connection goes back to the pool
+clean. Indexed text is bounded (:func:`asgi_audit.sinks.sql.bounded`), so a long
+``X-Request-ID`` is stored and found rather than refused.
+
 Connections. A small ``psycopg_pool.ConnectionPool`` (one connection kept, at most four:
 the shipper writes with one, a CLI or viewer in the same process may read meanwhile),
 opened at first use so that configuration can be checked without a server, closed by
@@ -67,7 +81,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ...errors import ConfigError, SinkError
+from ..._urls import mask_in
+from ...errors import ConfigError, RecordRefused, SinkError
+from .. import refusal
 from .. import sql as shared
 from ..protocols import Query
 from ..record import StoredRecord
@@ -108,10 +124,48 @@ _COPY_TYPES = [kind for _, kind in _COLUMNS]
 
 _BOUNDS = re.compile(r"FROM \('?(-?\d+)'?\) TO \('?(-?\d+)'?\)")
 
-_DIALECT = shared.Dialect("%s", shared.nul_and_surrogate_safe, prune_partitions=True)
+MAX_BYTES = (1 << 30) - (1 << 20)
+"""The most bytes a value, or a whole row, may take: PostgreSQL cannot hold a ``bytea``
+or ``text`` of 1 GB (nor allocate a row that large), and a MiB is kept for the rest."""
+
+_DAYS = range(-(1 << 63) // DAY_NS + 1, (1 << 63) // DAY_NS)
+"""Days whose partition bounds fit ``bigint`` (and whose names a ``date`` can spell)."""
+
+
+def _partition_day(record: StoredRecord) -> str | None:
+    """Why no day partition can hold ``record`` (its start is too far from 1970), or None."""
+    if record.started_at_ns // DAY_NS not in _DAYS:
+        return f"started_at_ns {record.started_at_ns} is outside the days partitions can cover"
+    return None
+
+
+_DIALECT = shared.Dialect(
+    "%s", shared.nul_and_surrogate_safe, prune_partitions=True, check=_partition_day
+)
 """PostgreSQL text holds neither NUL nor lone surrogates; both are escaped in index
 columns (the JSON metadata keeps the exact value), and pages are bounded so that the
 planner prunes partitions."""
+
+_LIMITS = shared.Limits(MAX_BYTES, MAX_BYTES)
+
+_REFUSED_CLASSES = ("22", "23")
+_NOT_REFUSED = frozenset({"23505", "23514"})
+"""unique_violation (a race with another writer: the retry's ON CONFLICT skips the row)
+and check_violation (a day partition dropped under the writer: created on the retry)."""
+_REFUSED_STATES = frozenset({"54000"})
+"""program_limit_exceeded: "index row size ... exceeds btree version 4 maximum 2704"."""
+
+
+def refused_by_server(exc: psycopg.Error) -> bool:
+    """Whether the server (or psycopg, for NUL in text) refused what a batch holds, which
+    no retry changes, rather than failed to store it now."""
+    if isinstance(exc, psycopg.DataError):  # class 22, and psycopg's own (NUL in text)
+        return True
+    state = exc.sqlstate or ""
+    if state in _REFUSED_STATES:
+        return True
+    return state[:2] in _REFUSED_CLASSES and state not in _NOT_REFUSED
+
 
 T = TypeVar("T")
 Connection = psycopg.Connection[TupleRow]
@@ -159,6 +213,8 @@ class PostgresSink:
         parsed = parse_url(url)
         self.table = parsed.table
         self.display = parsed.display
+        self._url = url
+        self._libpq_url = parsed.libpq_url
         self._conninfo = _conninfo(url, parsed.libpq_url)
         self._create = create
         self._lock = threading.Lock()
@@ -189,13 +245,14 @@ class PostgresSink:
         first: dict[str, StoredRecord] = {}
         for record in records:
             first.setdefault(record.id, record)
+        self._check_open()
         if not first:
-            self._check_open()
             return
-        # The CPU work (JSON, zstd) is done before a connection is taken from the pool.
-        rows = [shared.row(record, _DIALECT) for record in first.values()]
+        # The CPU work (JSON, zstd, checks) is done before a connection is taken.
+        rows = shared.rows(list(first.values()), _DIALECT, _LIMITS, repr(self))
         days = {record.started_at_ns // DAY_NS for record in first.values()}
-        self._run(f"batch of {len(rows)} not stored", lambda c: self._write(c, rows, days))
+        ids = list(first)
+        self._run(f"batch of {len(rows)} not stored", lambda c: self._write(c, rows, days, ids))
 
     def close(self) -> None:
         with self._lock:
@@ -290,10 +347,17 @@ class PostgresSink:
                 raise SinkError(f"{self!r}: {failure}: {self._unreachable(exc)}") from exc
             except psycopg.OperationalError as exc:
                 if attempt == 2 or self._closed:
-                    raise SinkError(f"{self!r}: {failure}: {_reason(exc)}") from exc
+                    raise SinkError(f"{self!r}: {failure}: {self._reason(exc)}") from exc
             except psycopg.Error as exc:
-                raise SinkError(f"{self!r}: {failure}: {_reason(exc)}") from exc
+                raise SinkError(f"{self!r}: {failure}: {self._reason(exc)}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _reason(self, exc: psycopg.Error) -> str:
+        """The server's or libpq's message on one line, with this sink's URL and its
+        passwords masked (libpq quotes parts of what it was given)."""
+        text = _reason(exc)
+        text = mask_in(mask_in(text, self._url), self._libpq_url)
+        return without_secrets(text, self._libpq_url)
 
     def _unreachable(self, timeout: PoolTimeout) -> str:
         """Why no connection came: the pool only says it waited, so ask the server."""
@@ -301,7 +365,7 @@ class PostgresSink:
             with psycopg.connect(self._conninfo, connect_timeout=3) as connection:
                 connection.execute("SELECT 1")
         except psycopg.Error as exc:
-            return _reason(exc)
+            return self._reason(exc)
         return f"all {POOL_MAX_SIZE} connections busy ({timeout})"
 
     def _fetch(
@@ -424,10 +488,14 @@ class PostgresSink:
         self._days = existing | wanted
         self._ahead_day = today
 
-    def _write(self, connection: Connection, rows: list[shared.Row], days: set[int]) -> None:
+    def _write(
+        self, connection: Connection, rows: list[shared.Row], days: set[int], ids: list[str]
+    ) -> None:
         for attempt in (1, 2):
             self._ensure_days(connection, days)
             try:
+                # A failure rolls the transaction back (staging rows included): the
+                # connection goes back to the pool clean.
                 with connection.transaction(), connection.cursor() as cursor:
                     with cursor.copy(self._copy) as copy:
                         copy.set_types(_COPY_TYPES)
@@ -441,6 +509,14 @@ class PostgresSink:
                 if attempt == 2:
                     raise
                 self._days = set()
+            except psycopg.Error as exc:
+                if refused_by_server(exc):
+                    raise self._refused(ids, exc) from exc
+                raise
+
+    def _refused(self, ids: list[str], exc: psycopg.Error) -> RecordRefused:
+        state = f" [SQLSTATE {exc.sqlstate}]" if exc.sqlstate else ""
+        return refusal.batch_refused(repr(self), ids, self._reason(exc) + state)
 
     def _drop_before(self, connection: Connection, cutoff_ns: int) -> list[str]:
         with connection.transaction():

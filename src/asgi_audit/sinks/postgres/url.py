@@ -23,6 +23,7 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 
+from ..._urls import mask_url
 from ...errors import ConfigError
 
 DEFAULT_TABLE = "audit_records"
@@ -175,10 +176,11 @@ def not_a_url(url: str, reason: str) -> ConfigError:
 
 
 def masked(url: str) -> str:
-    """``url`` with its passwords replaced, for messages and logs."""
+    """``url`` with its passwords replaced, for messages and logs: where libpq reads
+    them, and whatever else :func:`asgi_audit._urls.mask_url` finds secret-looking."""
     url = _USERINFO_PASSWORD.sub(r"\1***@", url)
     base, mark, query = url.partition("?")
-    return base + mark + "&".join(_masked_option(piece) for piece in query.split("&"))
+    return mask_url(base + mark + "&".join(_masked_option(piece) for piece in query.split("&")))
 
 
 def _masked_option(piece: str) -> str:

@@ -7,7 +7,11 @@ a sink needs them.
 Failures are sorted for the caller: what a person must fix (no such bucket, credentials
 refused, Object Lock missing) is a :class:`ConfigError` when the bucket is checked; the
 rest (unreachable endpoint, throttling, a bucket removed after open) is a
-:class:`SinkError`, which the shipper retries. Every PUT carries ``If-None-Match: *``, so
+:class:`SinkError`, which the shipper retries. A PUT refused for what it carries (an object
+or key too large, an argument the store will not take: :data:`REFUSED_CODES`, or HTTP 413
+and 414 from a proxy) is an :class:`ObjectRefused`, which the sink turns into a refusal of
+the records in that object; authentication, throttling, 5xx and connection errors are not
+about the content and stay retried. Every PUT carries ``If-None-Match: *``, so
 an object once written is never replaced (write-once, even in a versioned bucket), and
 ``Content-MD5``, so the server refuses bytes damaged on the way (and Object Lock asks
 for it).
@@ -21,8 +25,38 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ...errors import ConfigError, SinkError
+from ...errors import ConfigError, RecordRefused, SinkError
 from .url import MISSING_BOTO3, S3Options
+
+REFUSED_CODES = frozenset(
+    {
+        "EntityTooLarge",
+        "KeyTooLongError",
+        "InvalidArgument",
+        "InvalidObjectName",
+        "XMinioInvalidObjectName",
+    }
+)
+"""S3 error codes of a PUT refused for its key or its bytes, which no retry changes."""
+KEY_CODES = frozenset({"KeyTooLongError", "InvalidObjectName", "XMinioInvalidObjectName"})
+"""Of those, the ones about the key: every record sharing it is at fault."""
+REFUSED_STATUSES = frozenset({413, 414})
+"""Request entity too large, URI too long: what a proxy in front of a store answers."""
+
+
+class ObjectRefused(RecordRefused):
+    """A PUT the store refused for the object's key or bytes (see :data:`REFUSED_CODES`)."""
+
+    def __init__(self, label: str, detail: str, *, code: str) -> None:
+        super().__init__(f"{label}: {detail}")
+        self.code = code
+        self.detail = detail
+        """The reason without the sink's label (the store's code first, the key last)."""
+
+    @property
+    def about_key(self) -> bool:
+        """Whether the key was refused (rather than what the object holds)."""
+        return self.code in KEY_CODES or self.code == "414"
 
 
 class Bucket:
@@ -90,8 +124,13 @@ class Bucket:
         try:
             self.client.put_object(**params)
         except ClientError as exc:
-            if _status(exc) == 412 or _code(exc) == "PreconditionFailed":
+            status, code = _status(exc), _code(exc)
+            if status == 412 or code == "PreconditionFailed":
                 return False
+            if code in REFUSED_CODES or status in REFUSED_STATUSES:
+                code = code or str(status)
+                detail = f"{code}: {_message(exc)} (PUT of {key})"
+                raise ObjectRefused(self.label, detail, code=code) from exc
             raise self._failure(exc, f"cannot store {key}") from exc
         except BotoCoreError as exc:
             raise self._failure(exc, f"cannot store {key}") from exc
@@ -237,6 +276,12 @@ def _status(exc: Exception) -> int | None:
     response = getattr(exc, "response", None) or {}
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return status if isinstance(status, int) else None
+
+
+def _message(exc: Exception) -> str:
+    """The S3 error message of a botocore ``ClientError`` (its text for other errors)."""
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Message", "") or exc)
 
 
 def _code(exc: Exception) -> str:

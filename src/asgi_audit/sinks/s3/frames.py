@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import CorruptRecord
+from ...errors import CorruptRecord, RecordRefused
 from ...recording import packing
 from ..record import StoredRecord, json_text, kept_bytes
 
@@ -82,13 +82,20 @@ def encode_record_frame(record: StoredRecord, meta: dict[str, Any]) -> list[byte
 
 
 def encode_data_object(records: Sequence[StoredRecord]) -> tuple[bytes, list[Placed]]:
-    """The data object of a batch, and where each record's frame is in it."""
+    """The data object of a batch, and where each record's frame is in it;
+    :class:`RecordRefused` naming a record that cannot be encoded."""
     chunks: list[bytes] = []
     placed: list[Placed] = []
     offset = 0
     for record in records:
-        meta = record.metadata()
-        frame = encode_record_frame(record, meta)
+        try:
+            meta = record.metadata()
+            frame = encode_record_frame(record, meta)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise RecordRefused(
+                f"record {record.id} cannot be encoded ({type(exc).__name__}: {exc})",
+                ids=(record.id,),
+            ) from exc
         length = sum(len(part) for part in frame)
         chunks.extend(frame)
         placed.append((offset, length, meta))

@@ -14,12 +14,24 @@ first of two copies of a record. ``<stream>`` is the stream id with every byte o
 ``[A-Za-z0-9_.-]`` (and a leading ``.``) written as ``~XX``: keys stay ASCII, no segment is
 ``.`` or ``..``, and two streams never share a key.
 
+Keys are bounded: S3 allows 1024 bytes, and stores on a file system (SeaweedFS, MinIO)
+255 per segment. The stream id comes from configuration (service and pod names) and its
+escaped form can be three times as long, so a segment over :data:`SEGMENT_BYTES` is cut
+(never inside a ``~XX``) and ends with ``~h`` and 16 hex digits of the SHA-256 of the
+stream id (:func:`stream_segment`): ``~h`` never occurs in an escaped segment (``~`` is
+always followed by two upper-case hex digits there), so a bounded segment never equals
+another stream's, and two long streams stay apart. Nothing is read back from a key: the
+index carries the whole stream id. With the prefix held to :data:`PREFIX_BYTES` (checked
+with the URL), the longest key is under 600 bytes. Records' own values (paths,
+correlation ids) are never part of a key.
+
 A re-delivered batch has the same stream and first/last sequence numbers, hence the same
 keys: that is what makes writes idempotent (see :mod:`.sink`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import string
 import uuid
@@ -31,6 +43,12 @@ DATA_SUFFIX = ".aab"
 """Data objects: "asgi-audit batch"."""
 INDEX_SUFFIX = ".json.zst"
 INDEX_DIR = "index"
+SEGMENT_BYTES = 200
+"""The longest stream segment of a key (under the 255 bytes a file-system store allows)."""
+PREFIX_BYTES = 256
+"""The longest prefix (UTF-8) a URL may give: with the longest segments after it, a key
+stays far under S3's 1024 bytes."""
+DIGEST_CHARS = 16
 
 _KEY_SAFE = frozenset(string.ascii_letters + string.digits + "_-.")
 _DAY = re.compile(r"dt=(\d{4})-(\d{2})-(\d{2})/$")
@@ -51,6 +69,20 @@ def key_segment(text: str) -> str:
     return "".join(out)
 
 
+def stream_segment(stream: str) -> str:
+    """The key segment of a stream: :func:`key_segment`, bounded to :data:`SEGMENT_BYTES`
+    (see the module docstring)."""
+    segment = key_segment(stream)
+    if len(segment) <= SEGMENT_BYTES:
+        return segment
+    digest = hashlib.sha256(stream.encode("utf-8", "surrogatepass")).hexdigest()
+    cut = SEGMENT_BYTES - 2 - DIGEST_CHARS
+    tilde = segment.rfind("~", cut - 2, cut)
+    if tilde >= 0:  # never keep half of an escape
+        cut = tilde
+    return f"{segment[:cut]}~h{digest[:DIGEST_CHARS]}"
+
+
 def hour_path(hour: int) -> str:
     """``dt=YYYY-MM-DD/hour=HH`` of an hour number (hours since the epoch, UTC)."""
     moment = datetime.fromtimestamp(hour * 3600, tz=UTC)
@@ -68,13 +100,13 @@ def batch_name(first_seq: int, last_seq: int) -> str:
 def data_key(hour: int, stream: str, first_seq: int, last_seq: int) -> str:
     """The data object of a batch whose first record started in ``hour``."""
     name = batch_name(first_seq, last_seq)
-    return f"{hour_path(hour)}/{key_segment(stream)}/{name}{DATA_SUFFIX}"
+    return f"{hour_path(hour)}/{stream_segment(stream)}/{name}{DATA_SUFFIX}"
 
 
 def index_key(hour: int, stream: str, first_seq: int, last_seq: int) -> str:
     """The index object of a batch's records that started in ``hour``."""
     name = batch_name(first_seq, last_seq)
-    return f"{INDEX_DIR}/{hour_path(hour)}/{key_segment(stream)}/{name}{INDEX_SUFFIX}"
+    return f"{INDEX_DIR}/{hour_path(hour)}/{stream_segment(stream)}/{name}{INDEX_SUFFIX}"
 
 
 def index_hour_prefix(hour: int) -> str:

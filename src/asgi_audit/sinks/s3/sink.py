@@ -19,6 +19,14 @@ being stream then first sequence number, then position in the batch. A re-delive
 is the same spool record as the original, so which copy wins does not change what readers
 get. ``count`` counts distinct ids.
 
+Refusals. A record whose bodies cannot fit one object (:data:`MAX_OBJECT_BYTES`, the
+single-PUT limit) or cannot be encoded is refused before anything is sent, naming it. A
+PUT the store refuses for its key or bytes (:class:`~.bucket.ObjectRefused`) refuses the
+records of that object: all of them when the key was refused (they share the stream that
+names it), the one record when the object held one, else the batch without ids (the
+shipper splits it). Keys themselves are bounded (:mod:`.keys`), so a long stream id no
+longer makes one.
+
 Costs: a write is 1 + (hours touched) PUTs. A search lists the hour prefixes of its range
 (directly for ranges up to :data:`DIRECT_HOURS`, else by discovering the days and hours that
 exist) and reads each listed index once per sink (an LRU cache; indexes never change).
@@ -33,11 +41,12 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ...errors import ConfigError, CorruptRecord, SinkError
+from ...errors import ConfigError, CorruptRecord, RecordRefused, SinkError
+from .. import refusal
 from ..protocols import Query
 from ..query import matches, order_key
-from ..record import StoredRecord
-from .bucket import Bucket
+from ..record import StoredBody, StoredRecord
+from .bucket import Bucket, ObjectRefused
 from .frames import Placed, decode_record_frame, encode_data_object, placed_frames
 from .index import (
     CACHE_RECORDS,
@@ -62,6 +71,11 @@ from .keys import (
 from .url import S3Options
 
 logger = logging.getLogger("asgi_audit.sinks.s3")
+
+MAX_OBJECT_BYTES = 5 << 30
+"""The largest object one PUT may create (S3's limit; objects are never multipart here)."""
+FRAME_MARGIN = 1 << 20
+"""Room kept in an object for a record's metadata and frame header."""
 
 DIRECT_HOURS = 72
 """Ranges up to this many hours list each hour prefix directly; longer or open ones first
@@ -117,6 +131,15 @@ class S3Sink:
         unique: dict[str, StoredRecord] = {}
         for record in records:
             unique.setdefault(record.id, record)
+        too_large = {
+            record.id: f"its bodies take {size} bytes; one object holds at most "
+            f"{MAX_OBJECT_BYTES - FRAME_MARGIN}"
+            for record in unique.values()
+            if (size := _kept_size(record.request_body) + _kept_size(record.response_body))
+            > MAX_OBJECT_BYTES - FRAME_MARGIN
+        }
+        if too_large:
+            raise refusal.refused(repr(self), too_large)
         by_stream: dict[str, list[StoredRecord]] = {}
         for record in unique.values():
             by_stream.setdefault(record.stream, []).append(record)
@@ -126,9 +149,27 @@ class S3Sink:
             self._write_group(stream, group)
 
     def _write_group(self, stream: str, records: list[StoredRecord]) -> None:
+        try:
+            self._put_group(stream, records)
+        except ObjectRefused as exc:
+            ids = [record.id for record in records]
+            if exc.about_key:
+                raise refusal.all_refused(repr(self), ids, exc.detail) from exc.__cause__
+            raise refusal.batch_refused(repr(self), ids, exc.detail) from exc.__cause__
+
+    def _put_group(self, stream: str, records: list[StoredRecord]) -> None:
         first, last = records[0].seq, records[-1].seq
         data = data_key(hour_of(records[0].started_at_ns), stream, first, last)
-        body, placed = encode_data_object(records)
+        try:
+            body, placed = encode_data_object(records)
+        except RecordRefused as exc:  # a record that cannot be encoded
+            raise RecordRefused(f"{self!r}: {exc}", ids=exc.ids) from exc.__cause__
+        if len(body) > MAX_OBJECT_BYTES:
+            raise refusal.batch_refused(
+                repr(self),
+                [record.id for record in records],
+                f"the batch's object would take {len(body)} bytes, over {MAX_OBJECT_BYTES}",
+            )
         digest = hashlib.md5(body, usedforsecurity=False)
         if not self._bucket.put(
             self._root + data, body, digest.digest(), "application/octet-stream"
@@ -304,3 +345,12 @@ class S3Sink:
             hour = hour_listed(common, day)
             if hour is not None:
                 yield hour
+
+
+def _kept_size(body: StoredBody | None) -> int:
+    """Bytes a body takes in a frame (packed, or its data, which packing only shrinks)."""
+    if body is None:
+        return 0
+    if body.packed is not None:
+        return len(body.packed)
+    return 0 if body.data is None else len(body.data)

@@ -4,7 +4,8 @@ The app checks its sink URL when the middleware is built, in a process that neve
 and need not have boto3 installed; so everything a URL can get wrong is found here, from
 the text alone, before any client or network call exists.
 
-Credentials never come from the URL (it ends up in logs and process listings): boto3's
+Credentials never come from the URL (it ends up in logs and process listings; a URL
+carrying one is refused, and shown masked by :func:`asgi_audit._urls.mask_url`): boto3's
 usual chain finds them, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (and
 ``AWS_SESSION_TOKEN``), ``AWS_PROFILE`` or ``?profile=``, the shared credentials file, web
 identity (EKS service accounts), container and instance roles.
@@ -22,7 +23,9 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from ..._urls import mask_url
 from ...errors import ConfigError
+from .keys import PREFIX_BYTES
 
 MISSING_BOTO3 = "s3:// needs boto3: pip install 'asgi-audit[s3]'"
 
@@ -36,6 +39,10 @@ _OPTIONS = (
     "retain_days",
 )
 _EXAMPLE = "s3://bucket/prefix?endpoint_url=https://s3.example.com&region=us-east-1"
+_NO_CREDENTIALS = (
+    "credentials do not belong in the URL; set AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or mount a credentials file)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,17 +63,14 @@ class S3Options:
 def parse_url(url: str) -> S3Options:
     """Read ``s3://bucket/prefix?option=value&...``; every mistake is a :class:`ConfigError`."""
     parts = urlsplit(url)
+    shown = mask_url(url)
     if parts.scheme.lower() != "s3":
-        raise ConfigError("sink", f"expected an s3:// URL such as {_EXAMPLE!r} (got {url!r})")
+        raise ConfigError("sink", f"expected an s3:// URL such as {_EXAMPLE!r} (got {shown!r})")
     if "@" in parts.netloc:
-        raise ConfigError(
-            "sink",
-            "credentials do not belong in the URL; set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or mount a credentials file)",
-        )
+        raise ConfigError("sink", _NO_CREDENTIALS)
     bucket = parts.netloc
     if not bucket:
-        raise ConfigError("sink", f"{url!r} names no bucket; expected {_EXAMPLE!r}")
+        raise ConfigError("sink", f"{shown!r} names no bucket; expected {_EXAMPLE!r}")
     if not _BUCKET.fullmatch(bucket):
         raise ConfigError(
             "sink",
@@ -74,14 +78,23 @@ def parse_url(url: str) -> S3Options:
             f"goes in ?endpoint_url=, as in {_EXAMPLE!r}",
         )
     if parts.fragment:
-        raise ConfigError("sink", f"unexpected '#{parts.fragment}' in {url!r}")
+        # The fragment is not shown: whatever it holds was not meant to be part of a URL.
+        raise ConfigError("sink", f"unexpected '#...' after {mask_url(url.partition('#')[0])!r}")
     prefix = unquote(parts.path).strip("/")
     if prefix and any(segment in ("", ".", "..") for segment in prefix.split("/")):
         raise ConfigError("sink", f"prefix {prefix!r} has an empty, '.' or '..' segment")
+    if len(prefix.encode("utf-8", "surrogatepass")) > PREFIX_BYTES:
+        raise ConfigError(
+            "sink", f"the prefix has more than {PREFIX_BYTES} bytes; object keys would be too long"
+        )
     values = _options(url, parts.query)
     endpoint = values.get("endpoint_url")
+    if endpoint is not None and "@" in urlsplit(endpoint).netloc:
+        raise ConfigError("sink", _NO_CREDENTIALS)
     if endpoint is not None and not re.match(r"https?://[^/?#]+", endpoint):
-        raise ConfigError("sink", f"endpoint_url must be http(s)://host[:port] (got {endpoint!r})")
+        raise ConfigError(
+            "sink", f"endpoint_url must be http(s)://host[:port] (got {mask_url(endpoint)!r})"
+        )
     style = values.get("addressing_style")
     if style is not None and style not in ("auto", "path", "virtual"):
         raise ConfigError("sink", f"addressing_style is auto, path or virtual (got {style!r})")
@@ -115,14 +128,17 @@ def parse_url(url: str) -> S3Options:
 def _options(url: str, query: str) -> dict[str, str]:
     """The query's options: each known, given once, and with a value."""
     values: dict[str, str] = {}
+    shown = mask_url(url)
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key not in _OPTIONS:
+            hint = f"; {_NO_CREDENTIALS}" if mask_url(f"s3://b/?{key}=x").endswith("***") else ""
             raise ConfigError(
-                "sink", f"unknown option {key!r} in {url!r}; known: {', '.join(_OPTIONS)}"
+                "sink",
+                f"unknown option {key!r} in {shown!r}; known: {', '.join(_OPTIONS)}{hint}",
             )
         if key in values:
-            raise ConfigError("sink", f"option {key!r} given twice in {url!r}")
+            raise ConfigError("sink", f"option {key!r} given twice in {shown!r}")
         if not value:
-            raise ConfigError("sink", f"option {key!r} has no value in {url!r}")
+            raise ConfigError("sink", f"option {key!r} has no value in {shown!r}")
         values[key] = value
     return values

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..._urls import mask_url
 from ...errors import ConfigError
 from ..files import existing, file_path
 
@@ -27,7 +28,7 @@ def open_url(url: str, *, create: bool = True) -> SqliteSink:
     if not create:
         existing(url, path)
     if path.is_dir():
-        raise ConfigError("sink", f"{url!r} names a directory; expected a database file")
+        raise ConfigError("sink", f"{mask_url(url)!r} names a directory; expected a database file")
     from .sink import SqliteSink
 
     return SqliteSink(path)

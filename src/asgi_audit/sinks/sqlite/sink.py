@@ -16,10 +16,24 @@ processes; WAL lets readers proceed during a write, and ``busy_timeout`` makes a
 writer wait instead of failing at once. One connection per instance, shared between
 threads under a lock.
 
-Layout: the indexed columns copy what queries filter and sort on; the ``metadata`` column
-holds the whole record (:meth:`StoredRecord.metadata`) as JSON and is the source of truth
-when reading back; the body columns hold the stored bytes exactly, last in the row so that
-listings never read their overflow pages.
+Layout: the indexed columns copy what queries filter and sort on, bounded to 256 bytes
+(:func:`asgi_audit.sinks.sql.bounded`); the ``metadata`` column holds the whole record
+(:meth:`StoredRecord.metadata`) as JSON and is the source of truth when reading back; the
+body columns hold the stored bytes exactly, last in the row so that listings never read
+their overflow pages.
+
+Refusals: a record SQLite cannot hold (a value or row over ``SQLITE_LIMIT_LENGTH``, 1e9
+bytes by default; an integer outside 64 bits; an id too long to index) is refused by
+:func:`asgi_audit.sinks.sql.rows` before the transaction starts, naming it; what SQLite
+itself refuses while a row is inserted (``sqlite3.DataError``, such as "string or blob too
+big", and ``sqlite3.IntegrityError``: duplicates are ignored by ``INSERT OR IGNORE``, so any
+that is raised is something else) is a :class:`RecordRefused` naming the row's record,
+which rows are inserted one by one to know. Everything else (locked, I/O error, disk full)
+stays a :class:`SinkError`, retried.
+
+Modes: the file is created 0600 before SQLite opens it; SQLite gives its ``-wal``,
+``-shm`` and ``-journal`` files the main file's mode, so they are 0600 too (see
+:mod:`asgi_audit.sinks.files`).
 """
 
 from __future__ import annotations
@@ -34,8 +48,9 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError, SinkError
-from .. import sql
-from ..files import ensure_directory
+from ...recording.spool import fsync_directory
+from .. import refusal, sql
+from ..files import create_private_file, ensure_directory
 from ..protocols import Query
 from ..record import StoredRecord
 
@@ -82,6 +97,11 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS records_stream ON records (stream, seq)",
 )
 
+_REFUSED = (sqlite3.DataError, sqlite3.IntegrityError, OverflowError, UnicodeError)
+"""What inserting one row raises when SQLite cannot take what it holds (too big, out of
+range, not encodable, a constraint other than the primary key) rather than cannot write
+now; checks before the transaction find all these first, this is for what they miss."""
+
 _INSERT = (
     f"INSERT OR IGNORE INTO records ({', '.join(sql.ROW_COLUMNS)})"
     f" VALUES ({', '.join('?' for _ in sql.ROW_COLUMNS)})"
@@ -104,19 +124,29 @@ class SqliteSink:
         return f"SqliteSink({os.fspath(self.path)!r})"
 
     def write_batch(self, records: Sequence[StoredRecord]) -> None:
-        rows = [sql.row(record, _DIALECT) for record in records]
-        if not rows:
+        if not records:
+            self._open_connection()
             return
         with self._lock:
+            limit = self._open_connection().getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+        # The CPU work (JSON, zstd, checks) is done before the lock is taken.
+        rows = sql.rows(records, _DIALECT, sql.Limits(limit, limit), repr(self))
+        with self._lock:
             connection = self._open_connection()
+            inserting: str | None = None
             try:
                 connection.execute("BEGIN IMMEDIATE")
-                connection.executemany(_INSERT, rows)
+                for record, values in zip(records, rows, strict=True):
+                    inserting = record.id
+                    connection.execute(_INSERT, values)
+                inserting = None
                 connection.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OverflowError, UnicodeError) as exc:
                 if connection.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         connection.execute("ROLLBACK")
+                if inserting is not None and isinstance(exc, _REFUSED):
+                    raise refusal.batch_refused(repr(self), [inserting], str(exc)) from exc
                 raise SinkError(f"{self!r}: batch of {len(rows)} not stored: {exc}") from exc
 
     def search(self, query: Query) -> Iterator[StoredRecord]:
@@ -158,6 +188,15 @@ class SqliteSink:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        # Made here with its mode: SQLite would make it 0666 less the umask, and gives its
+        # -wal, -shm and -journal files the mode of this one.
+        if create_private_file(path):
+            fsync_directory(path.parent)
+    except OSError as exc:
+        raise ConfigError(
+            "sink", f"cannot create SQLite file {os.fspath(path)!r}: {exc.strerror or exc}"
+        ) from exc
     try:
         connection = sqlite3.connect(
             path,
