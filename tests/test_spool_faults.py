@@ -24,7 +24,7 @@ from asgi_audit.capture.record import Body
 from asgi_audit.capture.spill import SpillJob
 from asgi_audit.recording import spool as spool_module
 from asgi_audit.recording import writer as writer_module
-from asgi_audit.recording.frames import Frame, decode_payload, encode_frame, read_frames
+from asgi_audit.recording.frames import Frame, Tail, decode_payload, encode_frame, read_frames
 from asgi_audit.recording.handoff import MemoryRecorder
 from asgi_audit.recording.spool import (
     Checkpoint,
@@ -339,6 +339,48 @@ def test_rotation_whose_directory_sync_fails_leaves_no_empty_segment(
     finally:
         writer.close()
     assert numbers(tmp_path) == [[0], [1]]
+
+
+def test_a_fragment_that_cannot_be_cut_off_is_never_written_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write fails part-way and the fragment cannot be cut off either: the retry goes to
+    a new segment, so no good frame ever follows a fragment; the old segment's good
+    frames are still synced."""
+    writer = SegmentWriter(tmp_path, "s")
+    writer.open()
+    synced: list[int] = []
+    real_sync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append(fd)
+        real_sync(fd)
+
+    try:
+        writer.append(*frame(0))
+        real_write = os.write
+
+        def short_writev(fd: int, buffers: list[bytes]) -> int:
+            return real_write(fd, b"".join(buffers)[:30])
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "writev", short_writev)
+            Faults(patch, "write").fail(ENOSPC)
+            Faults(patch, "ftruncate").fail(EIO)
+            with pytest.raises(OSError, match="No space"):
+                writer.append(*frame(1))
+        writer.append(*frame(1))
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        writer.sync()
+        assert len(synced) == 2  # the left segment, then the new one
+    finally:
+        writer.close()
+    stream = stream_of(tmp_path)
+    first, second = (stream.directory / name for name in stream.segments())
+    assert [r.meta["n"] for r in spooled_segment(first)] == [0]
+    *_, tail = read_frames(first)
+    assert isinstance(tail, Tail) and tail.reason == "torn"
+    assert [r.meta["n"] for r in spooled_segment(second)] == [1]
 
 
 def test_a_sealed_segment_is_never_appended_to_again(tmp_path: Path) -> None:

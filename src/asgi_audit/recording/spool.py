@@ -255,9 +255,20 @@ class SegmentWriter:
 
     def _take_back(self) -> None:
         """Cut off a partly written frame (ENOSPC, EIO), so that a retry appends after
-        good frames, not after a fragment a reader would have to skip as damage."""
-        with contextlib.suppress(OSError):
+        good frames, not after a fragment a reader would have to skip as damage. When even
+        that fails the segment is left, fragment and all, and the retry starts a new one:
+        a frame written after a fragment could be skipped with it (the fragment's header
+        may claim the frame's first bytes), while a fragment at the end of a segment is a
+        torn tail the shipper cuts off. Its good frames are still synced by :meth:`sync`,
+        like a rotated segment's."""
+        try:
             os.ftruncate(self._fd, self._size)
+        except OSError:
+            fd, self._fd = self._fd, -1
+            if self.durable:
+                self._rotated.append(fd)
+            else:
+                _close(fd)
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)

@@ -205,6 +205,7 @@ class SpoolRecorder:
         """A sync failed and none has succeeded since."""
         self._give_up_at: float | None = None
         """Set by ``shutdown(timeout)``: past it, a writer that is retrying gives up."""
+        self._gave_up = False
         self.stream = ""
 
     # -- the request path ------------------------------------------------------------
@@ -307,7 +308,7 @@ class SpoolRecorder:
         drained = not thread.is_alive()
         if drained:
             self._closed = True
-        return drained
+        return drained and not self._gave_up
 
     @property
     def queued(self) -> int:
@@ -339,6 +340,7 @@ class SpoolRecorder:
                 if closing:
                     break
         except _GiveUp:
+            self._gave_up = True
             logger.warning(
                 "asgi-audit: the shutdown deadline passed while the spool could not be "
                 "written; the records not yet kept are lost"
