@@ -8,6 +8,7 @@ loop: in the recorder thread or the shipper.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import os
@@ -38,11 +39,11 @@ class Body:
         "_digest",
         "_file",
         "_job",
+        "_skipped",
+        "_truncated",
         "complete",
         "memory_size",
         "size",
-        "skipped",
-        "truncated",
     )
 
     def __init__(
@@ -67,6 +68,32 @@ class Body:
         self._job = job
         self._file = file
         self._digest: str | None = None
+
+    @property
+    def skipped(self) -> bool:
+        """No bytes kept: over ``body_limit`` with ``skip_body``, or cut short by the spill
+        worker (``spill_limit`` with ``skip_body``, a failed write); waits for the worker,
+        which may still decide it, so call it off the loop for a spilled body."""
+        if not self._skipped and self._job is not None:
+            with contextlib.suppress(Exception):  # a failed job: reading the bytes says so
+                self._wait()
+        return self._skipped
+
+    @skipped.setter
+    def skipped(self, value: bool) -> None:
+        self._skipped = value
+
+    @property
+    def truncated(self) -> bool:
+        """Fewer bytes kept than the stream had; waits for the spill worker, as ``skipped``."""
+        if not self._truncated and self._job is not None:
+            with contextlib.suppress(Exception):
+                self._wait()
+        return self._truncated
+
+    @truncated.setter
+    def truncated(self, value: bool) -> None:
+        self._truncated = value
 
     @classmethod
     def from_path(cls, path: str) -> Body:
