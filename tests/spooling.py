@@ -35,16 +35,16 @@ def spooled(root: Path) -> list[SpooledRecord]:
     return found
 
 
-def spooled_ids(root: Path) -> list[str]:
-    """The id of every record the spool holds, in order, duplicates included; damaged
-    stretches (a sealed segment whose unsynced pages were lost) are skipped, as the
-    shipper skips them."""
+def spooled_ids(root: Path, key: str = "id") -> list[str]:
+    """The id (or another meta ``key``) of every record the spool holds, in order,
+    duplicates included; damaged stretches (a sealed segment whose unsynced pages were
+    lost) are skipped, as the shipper skips them."""
     found: list[str] = []
     for stream in streams(root):
         for segment in stream.segments():
             for item in read_frames(stream.directory / segment):
                 if isinstance(item, Frame):
-                    found.extend(r.meta["id"] for r in decode_payload(item.payload))
+                    found.extend(r.meta[key] for r in decode_payload(item.payload))
     return found
 
 

@@ -27,6 +27,7 @@ from processes import (
     sidecar,
     wait_for,
 )
+from spooling import spooled_ids as spooled_ids_of
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
 
@@ -39,13 +40,7 @@ def stored_ids(sink: str) -> Counter[str]:
 
 def spooled_ids(spool: Path) -> set[str]:
     """Correlation ids of every record in the spool's segments (delivered or not)."""
-    found: set[str] = set()
-    for stream in streams(spool):
-        for segment in stream.segments():
-            for item in read_frames(stream.directory / segment):
-                if isinstance(item, Frame):
-                    found.update(r.meta["correlation_id"] for r in decode_payload(item.payload))
-    return found
+    return set(spooled_ids_of(spool, "correlation_id"))
 
 
 def settings(tmp_path: Path, **extra: str) -> tuple[str, Path, dict[str, str]]:
