@@ -54,10 +54,12 @@ def store_url(table: str, **options: str) -> str:
 
 
 def drop_table(connection: psycopg.Connection[tuple[object, ...]], table: str) -> None:
-    """Drop a store's table (partitions go with it) and its schema-version table."""
+    """Drop a store's table (partitions go with it), its schema-version table and its
+    checkpoints."""
     connection.execute("SET lock_timeout = '10s'")
     connection.execute(f'DROP TABLE IF EXISTS "{table}" CASCADE')
     connection.execute(f'DROP TABLE IF EXISTS "{table}_schema_version"')
+    connection.execute(f'DROP TABLE IF EXISTS "{table}_checkpoints"')
 
 
 @contextmanager

@@ -10,7 +10,14 @@ from pathlib import Path
 
 from asgi_audit.capture.levels import Level
 from asgi_audit.capture.record import Body, Exchange, new_record_id
-from asgi_audit.recording.frames import Frame, SpooledRecord, Tail, decode_payload, read_frames
+from asgi_audit.recording.frames import (
+    Frame,
+    SpooledRecord,
+    Tail,
+    checkpoint_of,
+    decode_payload,
+    read_frames,
+)
 from asgi_audit.recording.spool import streams
 from asgi_audit.sinks.record import StoredRecord
 
@@ -22,14 +29,19 @@ SECRET_REQUEST_HEADERS = [
 ]
 
 
-def spooled(root: Path) -> list[SpooledRecord]:
-    """Every record in every segment of a spool, stream by stream, in order."""
+def spooled(root: Path, *, checkpoints: bool = False) -> list[SpooledRecord]:
+    """Every exchange's record (or every checkpoint) in every segment of a spool, stream by
+    stream, in order."""
     found: list[SpooledRecord] = []
     for stream in streams(root):
         for segment in stream.segments():
             for item in read_frames(stream.directory / segment):
                 if isinstance(item, Frame):
-                    found.extend(decode_payload(item.payload))
+                    found.extend(
+                        record
+                        for record in decode_payload(item.payload)
+                        if (checkpoint_of(record.meta) is not None) == checkpoints
+                    )
                 else:
                     assert item.reason == "end", item
     return found
@@ -44,7 +56,11 @@ def spooled_ids(root: Path, key: str = "id") -> list[str]:
         for segment in stream.segments():
             for item in read_frames(stream.directory / segment):
                 if isinstance(item, Frame):
-                    found.extend(r.meta[key] for r in decode_payload(item.payload))
+                    found.extend(
+                        r.meta[key]
+                        for r in decode_payload(item.payload)
+                        if checkpoint_of(r.meta) is None
+                    )
     return found
 
 
@@ -103,11 +119,11 @@ class Outcomes:
 
 
 def frame_count(root: Path) -> int:
-    """How many frames the spool's segments hold."""
+    """How many frames of exchanges' records the spool's segments hold."""
     count = 0
     for stream in streams(root):
         for segment in stream.segments():
-            count += sum(isinstance(i, Frame) for i in read_frames(stream.directory / segment))
+            count += len(record_frames(stream.directory / segment))
     return count
 
 
@@ -163,3 +179,14 @@ class FlakySink:
 
     def close(self) -> None:
         self.closed = True
+
+
+def record_frames(path: Path) -> list[Frame]:
+    """The frames of a segment that hold exchanges' records (not the stream's chain
+    checkpoints, which the writer puts between them)."""
+    return [
+        item
+        for item in read_frames(path)
+        if isinstance(item, Frame)
+        and any(checkpoint_of(r.meta) is None for r in decode_payload(item.payload))
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -138,6 +139,13 @@ def test_server_store_urls_are_accepted() -> None:
         ({"ship": "sidecar"}, {}, "ship", "'process', 'thread', 'off'"),
         ({"fsync": "sometimes"}, {}, "fsync", "'always', 'batch', 'off'"),
         ({"redact_headers": ["bad header"]}, {}, "redact_headers", "not a header name"),
+        ({"redact_query": ["a=b"]}, {}, "redact_query", "not a query parameter name"),
+        ({"redact_fields": ["card..number"]}, {}, "redact_fields", "dotted path"),
+        ({}, {"ASGI_AUDIT_REDACT_FIELDS": "a.b*"}, "redact_fields", "dotted path"),
+        ({"redact_unparseable": "drop"}, {}, "redact_unparseable", "'redact', 'keep'"),
+        ({}, {"ASGI_AUDIT_REDACT_BODIES": "maybe"}, "redact_bodies", "true or false"),
+        ({"checkpoint_interval": 0}, {}, "checkpoint_interval", "more than 0"),
+        ({"signing_key": "/nonexistent/audit.pem"}, {}, "signing_key", "cannot read the key"),
         ({"shutdown_timeout": -1}, {}, "shutdown_timeout", "non-negative"),
         ({}, {"ASGI_AUDIT_SHUTDOWN_TIMEOUT": "soon"}, "shutdown_timeout", "expected seconds"),
     ],
@@ -169,7 +177,8 @@ def test_delivery_defaults_and_environment() -> None:
             "ASGI_AUDIT_SPOOL": "/var/spool/audit",
             "ASGI_AUDIT_SHIP": "off",
             "ASGI_AUDIT_FSYNC": "always",
-            "ASGI_AUDIT_REDACT_HEADERS": "",
+            "ASGI_AUDIT_REDACT_HEADERS": "X-Trace-Secret",
+            "ASGI_AUDIT_REDACT_HEADERS_DEFAULT": "false",
             "ASGI_AUDIT_SHUTDOWN_TIMEOUT": "5",
         },
     ).settings
@@ -179,7 +188,7 @@ def test_delivery_defaults_and_environment() -> None:
         "off",
         "always",
     )
-    assert configured.redact_headers == ()
+    assert configured.redact_headers == ("x-trace-secret",)
     assert configured.shutdown_timeout == 5.0
 
 
@@ -215,3 +224,43 @@ def test_spool_limit_reaches_the_recorder(tmp_path: Any) -> None:
     with pytest.raises(ConfigError) as caught:
         AuditMiddleware(_app, environ={"ASGI_AUDIT_SPOOL_LIMIT": "-3"})
     assert caught.value.parameter == "spool_limit"
+
+
+def test_redaction_and_signing_settings_add_to_the_defaults(tmp_path: Path) -> None:
+    """redact_headers adds to the default secret headers; query names, field paths and
+    the unparseable policy come from arguments or the environment; the signing key's
+    text never shows in the settings' repr."""
+    from asgi_audit.recording.signing import generate
+
+    private, _ = generate()
+    key = tmp_path / "audit.pem"
+    key.write_bytes(private)
+    settings = AuditMiddleware(
+        _app,
+        redact_headers=["X-Session"],
+        redact_fields=["card.number", "**.ssn"],
+        signing_key=str(key),
+        environ={
+            "ASGI_AUDIT_REDACT_QUERY": "Session,ticket",
+            "ASGI_AUDIT_REDACT_UNPARSEABLE": "keep",
+            "ASGI_AUDIT_CHECKPOINT_INTERVAL": "15",
+        },
+    ).settings
+    assert settings.redact_headers[-1] == "x-session"
+    assert {"authorization", "x-auth-token", "x-csrf-token"} <= set(settings.redact_headers)
+    assert settings.redact_query == ("session", "ticket")
+    assert settings.redact_fields == ("card.number", "**.ssn")
+    assert (settings.redact_unparseable, settings.checkpoint_interval) == ("keep", 15.0)
+    assert settings.redact_bodies is True
+    assert settings.signing_key == str(key)
+    pem = AuditMiddleware(_app, environ={"ASGI_AUDIT_SIGNING_KEY": private.decode()}).settings
+    assert "PRIVATE" not in repr(pem)
+
+
+def test_a_signing_key_that_is_not_one_fails_without_showing_it(tmp_path: Path) -> None:
+    from asgi_audit.recording.signing import generate
+
+    _, public = generate()
+    with pytest.raises(ConfigError, match="Ed25519 private key") as caught:
+        AuditMiddleware(_app, environ={"ASGI_AUDIT_SIGNING_KEY": public.decode()})
+    assert "BEGIN" not in str(caught.value)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from asgi_audit.recording.frames import Frame, decode_payload, read_frames
+from asgi_audit.recording.frames import decode_payload
 from asgi_audit.recording.spool import streams
 from asgi_audit.sinks import Query, open_sink
 from processes import (
@@ -27,6 +27,7 @@ from processes import (
     sidecar,
     wait_for,
 )
+from spooling import record_frames
 from spooling import spooled_ids as spooled_ids_of
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
@@ -146,9 +147,9 @@ def test_torn_tail_is_cut_reported_and_the_rest_shipped(tmp_path: Path) -> None:
         assert server.wait(60) in (0, -SIGTERM)  # uvicorn re-raises the signal it handled
     (stream,) = list(streams(spool))
     segment = stream.directory / stream.segments()[-1]
-    frames = [f for f in read_frames(segment) if isinstance(f, Frame)]
+    frames = record_frames(segment)
     assert len(frames) >= 2
-    last = frames[-1]
+    last = frames[-1]  # what follows it (the final checkpoint) goes with it
     with open(segment, "r+b") as handle:
         handle.truncate(last.offset + (last.end - last.offset) // 2)
     lost = {r.meta["correlation_id"] for r in decode_payload(last.payload)}

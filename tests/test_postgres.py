@@ -38,7 +38,7 @@ TODAY = NOW_NS // DAY_NS
 
 @pytest.fixture
 def table() -> Iterator[str]:
-    """A table name of this test's own, dropped afterwards."""
+    """A table name of this test's own, dropped afterwards with its checkpoints table."""
     with fresh_table() as name:
         yield name
 
@@ -146,6 +146,26 @@ def test_writer_recreates_a_day_another_process_dropped(
     sink.write_batch([late])
     assert sink.count() == 1
     assert sink.get(late.id) == late
+
+
+def checkpoint(stream: str, index: int) -> dict[str, object]:
+    return {"stream": stream, "index": index, "at_ns": NOW_NS - (30 - index) * DAY_NS}
+
+
+def test_retention_keeps_every_checkpoint(sink: PostgresSink, table: str, make: Records) -> None:
+    """Dropping old days of records leaves the checkpoints table and all its rows, those
+    of the dropped days included: it is a table of its own, not partitioned."""
+    sink.write_batch([days_ago(20, make), days_ago(0, make)])
+    written = [checkpoint("orders:pod-a:1", index) for index in (1, 2, 3)]
+    sink.write_checkpoints(written)
+    assert sink.apply_retention(7) == [day_name(table, TODAY - 20)]
+    assert sink.count() == 1
+    assert list(sink.checkpoints()) == written
+    assert sql_rows(
+        "SELECT relkind::text FROM pg_class WHERE oid = to_regclass(%s)", f"{table}_checkpoints"
+    ) == [("r",)]
+    assert sql_rows(f"SELECT count(*) FROM {table}_checkpoints") == [(3,)]
+    assert f"{table}_checkpoints" not in {part.name for part in sink.partitions()}
 
 
 def test_retention_rejects_less_than_a_day(sink: PostgresSink) -> None:
@@ -444,6 +464,28 @@ def test_a_newer_layout_is_refused(sink: PostgresSink, table: str, make: Records
         older.write_batch([make()])
     with pytest.raises(ConfigError, match="newer than this asgi-audit"):
         open_sink(store_url(table), create=False)
+
+
+def test_checkpoints_table_is_added_to_an_older_layout(
+    sink: PostgresSink, table: str, make: Records
+) -> None:
+    """A layout 1 made before checkpoints existed reads as no checkpoints to a reader
+    (which runs no DDL), and gets its table from the next writer, version unchanged."""
+    sink.write_batch([make()])
+    sql_rows(f"DROP TABLE {table}_checkpoints")
+    with contextlib.closing(open_sink(store_url(table), create=False)) as reader:
+        assert list(reader.checkpoints()) == []
+    assert sql_rows("SELECT to_regclass(%s)::text", f"{table}_checkpoints") == [(None,)]
+    with contextlib.closing(PostgresSink(store_url(table))) as writer:
+        writer.write_checkpoints([checkpoint("s", 1)])
+        assert list(writer.checkpoints("s")) == [checkpoint("s", 1)]
+    assert sql_rows(f"SELECT version FROM {table}_schema_version") == [(1,)]
+    columns = sql_rows(
+        "SELECT column_name::text, data_type::text FROM information_schema.columns"
+        " WHERE table_name = %s ORDER BY ordinal_position",
+        f"{table}_checkpoints",
+    )
+    assert columns == [("stream", "text"), ("idx", "bigint"), ("at_ns", "bigint"), ("body", "text")]
 
 
 def test_a_foreign_table_of_that_name_is_not_used(table: str, make: Records) -> None:

@@ -15,13 +15,12 @@ from click.testing import CliRunner
 
 from asgi_audit.cli import main
 from asgi_audit.errors import RecordRefused
-from asgi_audit.recording.frames import Frame, read_frames
 from asgi_audit.recording.spool import StreamDirectory, streams
 from asgi_audit.shipping.quarantine import Quarantine
 from asgi_audit.shipping.shipper import Shipper
 from asgi_audit.sinks import Query, open_sink
 from asgi_audit.sinks.record import StoredRecord
-from spooling import FlakySink, request_data
+from spooling import FlakySink, record_frames, request_data
 from test_shipper import bodies, dead_spool
 
 
@@ -147,7 +146,7 @@ def test_damaged_bytes_are_skipped_and_the_rest_shipped(tmp_path: Path) -> None:
     stream = StreamDirectory(spool / "streams" / stream_name)
     (segment,) = stream.segments()
     path = stream.directory / segment
-    frames = [i for i in read_frames(path) if isinstance(i, Frame)]
+    frames = record_frames(path)
     assert len(frames) == 12
     hit = frames[4]
     with open(path, "r+b") as handle:

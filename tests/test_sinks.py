@@ -23,10 +23,11 @@ from typing import Any
 
 import pytest
 
-from asgi_audit.errors import ConfigError, CorruptRecord, SinkError
+from asgi_audit.errors import ConfigError, CorruptRecord, RecordRefused, SinkError
 from asgi_audit.sinks import DEFAULT_SINK_URL, Query, Sink, open_sink
 from asgi_audit.sinks.jsonl import JsonlSink
 from asgi_audit.sinks.record import StoredRecord
+from asgi_audit.sinks.sql import bounded
 from asgi_audit.sinks.sqlite.sink import SqliteSink
 from factories import BASE_NS, DAY_NS, LATIN1_HIGH, SECOND_NS, Records, body
 from postgres_server import admin_connection, fresh_table
@@ -80,7 +81,8 @@ def sqlite_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """A table of its own on the test server, dropped afterwards (skips without a server)."""
+    """A table of its own on the test server, dropped afterwards with its checkpoints
+    table (skips without a server)."""
     with fresh_table() as table:
         yield postgres_store_url(table)
 
@@ -369,8 +371,6 @@ def test_long_indexed_values_are_stored_whole_and_found(store: Sink, make: Recor
 
 def test_a_long_value_finds_no_record_by_its_bounded_form(store: Sink, make: Records) -> None:
     """A short value equal to what a long one is indexed as does not find the long one."""
-    from asgi_audit.sinks.sql import bounded
-
     long_one = make(correlation_id=long_text(1000, "long"))
     store.write_batch([long_one])
     assert ids(store.search(Query(correlation_id=bounded(long_one.correlation_id)))) == []
@@ -448,6 +448,174 @@ def test_every_store_is_sink_and_reader(store: Sink) -> None:
     assert isinstance(store, Sink)
 
 
+def test_stream_filter_matches_records_exactly(store: Sink, make: Records) -> None:
+    """Query(stream=...) keeps the records of that stream only: not those of a stream it
+    begins or that begins it, and a name over 256 bytes (indexed bounded) finds its own
+    records, not a neighbour's, nor by its bounded form."""
+    long = long_text(300, "records stream")
+    assert len(long.encode()) > 256
+    names = ["orders:pod-a:1", "orders:pod-a", "orders:pod-a:10", long, long + "x", long[:-1]]
+    by_name = {name: [make(stream=name), make(stream=name)] for name in names}
+    store.write_batch([record for pair in zip(*by_name.values(), strict=True) for record in pair])
+    for name, records in by_name.items():
+        assert ids(store.search(everything(stream=name, newest_first=False))) == ids(records)
+    _, second = by_name["orders:pod-a"]
+    assert ids(store.search(Query(stream="orders:pod-a", since_ns=second.started_at_ns))) == [
+        second.id
+    ]
+    assert list(store.search(Query(stream="orders:pod-a", method="GET"))) == []
+    assert list(store.search(Query(stream="orders"))) == []
+    assert list(store.search(Query(stream=bounded(long)))) == []
+    assert len(list(store.search(Query(limit=None)))) == 2 * len(names)
+
+
+# checkpoints ------------------------------------------------------------------------------
+
+
+def checkpoint(stream: str, index: int, **extra: Any) -> dict[str, Any]:
+    """A checkpoint with the three keys every sink reads, and what else a test adds."""
+    return {"stream": stream, "index": index, "at_ns": BASE_NS + index * SECOND_NS, **extra}
+
+
+def keys(found: Iterator[dict[str, Any]] | list[dict[str, Any]]) -> list[tuple[str, int]]:
+    return [(value["stream"], value["index"]) for value in found]
+
+
+LONG_STREAM = long_text(300, "checkpoint stream")
+"""A 300-character stream name of more than 256 UTF-8 bytes: indexed and keyed bounded."""
+
+
+def test_checkpoints_read_back_exactly(store: Sink) -> None:
+    """Nested values, integers up to 2**63-1 (still ints), unicode and a 300-character
+    stream name come back as equal dicts of the same JSON types."""
+    assert len(LONG_STREAM.encode()) > 256
+    nested = {
+        "chain": {"head": "ab" * 32, "seqs": [1, 2, 2**63 - 1], "ok": True, "gap": None},
+        "empty": {"list": [], "dict": {}},
+        "text": 'caf\u00e9 \u65e5\u672c \U0001f600 "quoted" \\ \n',
+        "negative": -(2**63),
+    }
+    written = [
+        checkpoint("orders:pod-a:1", 1, **nested),
+        checkpoint(LONG_STREAM, 2**63 - 1, at_ns=2**63 - 1, signature="\u00e9" * 50),
+        checkpoint("\u65e5\u672c:pod", 7, at_ns=0),
+    ]
+    store.write_checkpoints(written)
+    expected = sorted(written, key=lambda value: (value["stream"], value["index"]))
+    found = list(store.checkpoints())
+    assert found == expected
+    # Equality takes True for 1 and 1.0 for 1; the JSON text does not.
+    assert json.dumps(found, sort_keys=True) == json.dumps(expected, sort_keys=True)
+    (long_one,) = store.checkpoints(LONG_STREAM)
+    assert long_one == written[1]
+    assert type(long_one["index"]) is int and type(long_one["at_ns"]) is int
+
+
+def test_checkpoints_are_kept_once_first_copy_first(store: Sink) -> None:
+    """A (stream, index) written again, in a later call or the same one, keeps its first
+    copy; the others of the call are added."""
+    store.write_checkpoints([checkpoint("s", 1, copy="first")])
+    store.write_checkpoints([checkpoint("s", 1, copy="second"), checkpoint("s", 2, copy="a")])
+    store.write_checkpoints(
+        [checkpoint("s", 3, copy="a"), checkpoint("s", 3, copy="b"), checkpoint("s", 2)]
+    )
+    assert list(store.checkpoints("s")) == [
+        checkpoint("s", 1, copy="first"),
+        checkpoint("s", 2, copy="a"),
+        checkpoint("s", 3, copy="a"),
+    ]
+    store.write_checkpoints([])
+    assert len(list(store.checkpoints())) == 3
+
+
+def test_checkpoints_are_ordered_by_stream_then_index(store: Sink) -> None:
+    """Written out of order over several calls, they read back by stream name, then by
+    index as a number (10 after 9, not after 1)."""
+    pairs = [("b", 2), ("a", 10), ("b", 1), ("a", 9), ("ab", 1), ("a", 1), (LONG_STREAM, 1)]
+    store.write_checkpoints([checkpoint(*pair) for pair in pairs[:3]])
+    store.write_checkpoints([checkpoint(*pair) for pair in pairs[3:]])
+    expected = [("a", 1), ("a", 9), ("a", 10), ("ab", 1), ("b", 1), ("b", 2)]
+    expected.insert(sum(name < LONG_STREAM for name, _ in expected), (LONG_STREAM, 1))
+    assert keys(store.checkpoints()) == expected
+    assert keys(store.checkpoints("a")) == [("a", 1), ("a", 9), ("a", 10)]
+
+
+def test_checkpoints_of_a_stream_match_it_exactly(store: Sink) -> None:
+    """checkpoints(stream) gives that stream's only: not a stream it begins or that begins
+    it, not a long stream's neighbour, and nothing for a long stream's bounded form."""
+    names = ["orders", "orders-2", "order", LONG_STREAM, LONG_STREAM + "x", LONG_STREAM[:-1]]
+    store.write_checkpoints([checkpoint(name, index) for index in (2, 1) for name in names])
+    for name in names:
+        assert keys(store.checkpoints(name)) == [(name, 1), (name, 2)]
+    assert list(store.checkpoints("nobody")) == []
+    assert list(store.checkpoints("orders-")) == []
+    assert list(store.checkpoints(bounded(LONG_STREAM))) == []
+    assert len(list(store.checkpoints())) == 2 * len(names)
+
+
+BAD_CHECKPOINTS = {
+    "no index": {"stream": "s", "at_ns": 1},
+    "index 0": checkpoint("s", 0),
+    "stream not a string": {"stream": 7, "index": 3, "at_ns": 1},
+    "empty stream": checkpoint("", 3),
+    "index a bool": checkpoint("s", True),
+    "at_ns a string": {"stream": "s", "index": 3, "at_ns": "1"},
+    "index over 64 bits": checkpoint("s", 2**63),
+    "a tuple JSON gives back as a list": checkpoint("s", 3, path=(1, 2)),
+    "a value JSON cannot hold": checkpoint("s", 3, raw=b"bytes"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_CHECKPOINTS.values(), ids=BAD_CHECKPOINTS.keys())
+def test_a_bad_checkpoint_is_refused_and_its_call_stores_nothing(
+    store: Sink, bad: dict[str, Any]
+) -> None:
+    """A checkpoint without stream, index and at_ns of the right types (or that JSON would
+    not give back equal) is a RecordRefused, and the good ones of that call are not stored
+    either; the store stays usable."""
+    store.write_checkpoints([checkpoint("kept", 1)])
+    with pytest.raises(RecordRefused, match=r"checkpoint 2 .*refused"):
+        store.write_checkpoints([checkpoint("s", 1), bad, checkpoint("s", 2)])
+    assert keys(store.checkpoints()) == [("kept", 1)]
+    store.write_checkpoints([checkpoint("s", 1)])
+    assert keys(store.checkpoints()) == [("kept", 1), ("s", 1)]
+
+
+def test_checkpoints_survive_reopening(open_postgres: Opener) -> None:
+    """A new instance on the same URL reads the checkpoints an earlier one wrote, and
+    still keeps the first copy of each."""
+    first = open_postgres()
+    first.write_checkpoints([checkpoint("s", 1), checkpoint(LONG_STREAM, 1), checkpoint("s", 2)])
+    first.close()
+    second = open_postgres()
+    assert keys(second.checkpoints("s")) == [("s", 1), ("s", 2)]
+    second.write_checkpoints([checkpoint("s", 2, late=True), checkpoint("s", 3)])
+    assert list(second.checkpoints("s")) == [checkpoint("s", n) for n in (1, 2, 3)]
+    assert list(second.checkpoints(LONG_STREAM)) == [checkpoint(LONG_STREAM, 1)]
+
+
+def test_checkpoints_and_records_stay_apart(store: Sink, make: Records) -> None:
+    """Checkpoints are neither counted nor listed as records, and records are not
+    checkpoints."""
+    record = make()
+    store.write_checkpoints([checkpoint(record.stream, 1)])
+    assert store.count() == 0
+    assert list(store.search(everything())) == []
+    store.write_batch([record])
+    assert store.count() == 1
+    assert list(store.search(everything())) == [record]
+    assert list(store.checkpoints()) == [checkpoint(record.stream, 1)]
+
+
+def test_closed_store_refuses_checkpoints(store: Sink) -> None:
+    """After close, writing and reading checkpoints raise SinkError."""
+    store.close()
+    with pytest.raises(SinkError):
+        store.write_checkpoints([checkpoint("s", 1)])
+    with pytest.raises(SinkError):
+        list(store.checkpoints())
+
+
 # memory -------------------------------------------------------------------------------
 
 
@@ -508,6 +676,24 @@ def test_sqlite_bodies_are_blobs_and_columns_are_filled(sqlite_url: str, make: R
     assert rows[full.id][:2] == (b"\x00\xff binary", "blob")
     assert rows[empty.id][:3] == (b"", "blob", None)
     assert rows[full.id][3:] == ("/orders/{order_id}", 201, full.correlation_id, full.seq)
+
+
+def test_sqlite_checkpoints_table_is_added_to_an_older_file(sqlite_url: str) -> None:
+    """A file of layout 1 made before checkpoints existed gets its table at open, keyed
+    (stream, idx), without a new layout version; rows hold the bounded stream and the
+    exact JSON text."""
+    open_sink(sqlite_url).close()
+    with contextlib.closing(sqlite3.connect(sqlite_path(sqlite_url))) as db, db:
+        db.execute("DROP TABLE checkpoints")
+    with contextlib.closing(open_sink(sqlite_url)) as store:
+        store.write_checkpoints([checkpoint(LONG_STREAM, 3, note="\u00e9")])
+    with contextlib.closing(sqlite3.connect(sqlite_path(sqlite_url))) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        key = [row[1] for row in db.execute("PRAGMA table_info(checkpoints)") if row[5]]
+        ((stream, idx, at_ns, text),) = db.execute("SELECT * FROM checkpoints").fetchall()
+    assert key == ["stream", "idx"]
+    assert (stream, idx, at_ns) == (bounded(LONG_STREAM), 3, BASE_NS + 3 * SECOND_NS)
+    assert json.loads(text) == checkpoint(LONG_STREAM, 3, note="\u00e9")
 
 
 def test_sqlite_refuses_a_newer_layout(sqlite_url: str) -> None:
@@ -648,6 +834,54 @@ def test_jsonl_redelivery_appends_no_lines(jsonl_url: str, make: Records) -> Non
         store.write_batch(batch)
     (path,) = jsonl_dir(jsonl_url).glob("*.jsonl")
     assert [json.loads(line)["id"] for line in path.read_bytes().splitlines()] == ids(batch)
+
+
+def test_jsonl_checkpoints_are_lines_of_their_own_file(jsonl_url: str, make: Records) -> None:
+    """checkpoints.jsonl, 0600, holds one line per checkpoint, its JSON as written; a
+    re-delivery appends nothing, and no record file or record listing shows it."""
+    record = make()
+    with contextlib.closing(open_sink(jsonl_url)) as store:
+        store.write_batch([record])
+        store.write_checkpoints([checkpoint("s", 2), checkpoint("s", 1)])
+        store.write_checkpoints([checkpoint("s", 1, again=True)])
+    with contextlib.closing(open_sink(jsonl_url)) as store:
+        store.write_checkpoints([checkpoint("s", 2, again=True), checkpoint("s", 3)])
+        assert store.count() == 1
+        assert ids(store.search(everything())) == [record.id]
+    path = jsonl_dir(jsonl_url) / "checkpoints.jsonl"
+    assert path.stat().st_mode & 0o777 == 0o600
+    lines = path.read_bytes().splitlines()
+    assert [json.loads(line) for line in lines] == [checkpoint("s", n) for n in (2, 1, 3)]
+    assert lines[0] == json.dumps(checkpoint("s", 2), separators=(",", ":")).encode()
+
+
+def test_jsonl_damaged_checkpoint_lines_are_skipped_and_repaired(
+    jsonl_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A damaged line hides no other checkpoint (one warning naming the file and line),
+    its checkpoint counts as not stored so a re-delivery appends it, and a torn last line
+    is cut off before the next write."""
+    with contextlib.closing(open_sink(jsonl_url)) as store:
+        store.write_checkpoints([checkpoint("s", 1), checkpoint("s", 2)])
+    path = jsonl_dir(jsonl_url) / "checkpoints.jsonl"
+    first, second = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"garbage\n" + first + b'{"stream":"s","at_ns":5}\n' + second + b'{"str')
+    with (
+        contextlib.closing(open_sink(jsonl_url)) as store,
+        caplog.at_level("WARNING", logger="asgi_audit.sinks.jsonl"),
+    ):
+        assert keys(store.checkpoints()) == [("s", 1), ("s", 2)]
+        assert keys(store.checkpoints()) == [("s", 1), ("s", 2)]
+        store.write_checkpoints([checkpoint("s", 2), checkpoint("s", 3)])
+        assert keys(store.checkpoints("s")) == [("s", 1), ("s", 2), ("s", 3)]
+    warnings = [r.getMessage() for r in caplog.records if "damaged line" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "checkpoints.jsonl, line 1 (byte 0)" in warnings[0]
+    assert "checkpoints.jsonl, line 3" in warnings[1] and "'index'" in warnings[1]
+    third = json.dumps(checkpoint("s", 3), separators=(",", ":")).encode() + b"\n"
+    assert (
+        path.read_bytes() == b"garbage\n" + first + b'{"stream":"s","at_ns":5}\n' + second + third
+    )
 
 
 def test_jsonl_allows_one_writer_per_directory(jsonl_url: str, make: Records) -> None:

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from asgi_audit import AuditMiddleware
-from asgi_audit.recording import packing
 from asgi_audit.recording import writer as spool_recorder
 from asgi_audit.recording.redact import MARKER
 from asgi_audit.recording.spool import SegmentWriter, StreamDirectory, streams
@@ -83,11 +82,9 @@ def test_bodies_are_stored_exactly_in_memory_and_spilled(
             meta = record.meta[name]
             assert meta["size"] == len(body) and meta["stored"] and not meta["truncated"]
             # spilled bodies carry the digest the spill worker computed, other bodies the
-            # one the spool writer computed; the smallest leave it to the shipper
-            if len(body) >= packing.MIN_SIZE:
-                assert meta["sha256"] == hashlib.sha256(body).hexdigest()
-            else:
-                assert meta["sha256"] is None
+            # one the spool writer computed (the chain covers every body's digest); what
+            # is stored is all that was received
+            assert meta["sha256"] == hashlib.sha256(body).hexdigest() == meta["stored_sha256"]
         assert record.meta["request_size"] == record.meta["response_size"] == len(body)
         assert record.meta["outcome"] == "complete" and record.meta["status"] == 200
     assert list(spill.rglob("*.body")) == []  # no spill file left (their folder may stay)

@@ -90,6 +90,13 @@ class AuditMiddleware:
         spool_limit: int | str | None = None,
         mode: str | None = None,
         spill_limit: int | str | None = None,
+        redact_headers_default: bool | None = None,
+        redact_query: Iterable[str] | None = None,
+        redact_fields: Iterable[str] | None = None,
+        redact_bodies: bool | None = None,
+        redact_unparseable: str | None = None,
+        signing_key: str | os.PathLike[str] | None = None,
+        checkpoint_interval: float | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.app = app
@@ -117,6 +124,13 @@ class AuditMiddleware:
             "spool_limit": spool_limit,
             "mode": mode,
             "spill_limit": spill_limit,
+            "redact_headers_default": redact_headers_default,
+            "redact_query": None if redact_query is None else list(redact_query),
+            "redact_fields": None if redact_fields is None else list(redact_fields),
+            "redact_bodies": redact_bodies,
+            "redact_unparseable": redact_unparseable,
+            "signing_key": signing_key,
+            "checkpoint_interval": checkpoint_interval,
         }
         # The hand-off to the durable path: a sink URL is checked by its own kind of
         # sink (the registry), and the recorder built, without importing any sink here.

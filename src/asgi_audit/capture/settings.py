@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from ..errors import ConfigError
@@ -45,8 +45,16 @@ DEFAULT_SECRET_HEADERS = (
     "cookie",
     "set-cookie",
     "x-api-key",
+    "api-key",
+    "x-auth-token",
+    "x-amz-security-token",
+    "private-token",
+    "x-csrf-token",
 )
-"""Headers whose values are redacted unless ``redact_headers`` says otherwise."""
+"""Headers whose values are always redacted (``redact_headers`` adds to them, and
+``redact_headers_default=False`` turns them off)."""
+RedactUnparseable = Literal["redact", "keep"]
+"""What happens to a body that has redaction rules (JSON, form) but does not parse."""
 
 SinkCheck = Callable[[object, str], str]
 """``(url, parameter) -> url``: checks a sink URL's form, raising ConfigError."""
@@ -79,8 +87,17 @@ _ENV_KEYS = {
     "spool_limit": "SPOOL_LIMIT",
     "mode": "MODE",
     "spill_limit": "SPILL_LIMIT",
+    "redact_headers_default": "REDACT_HEADERS_DEFAULT",
+    "redact_query": "REDACT_QUERY",
+    "redact_fields": "REDACT_FIELDS",
+    "redact_bodies": "REDACT_BODIES",
+    "redact_unparseable": "REDACT_UNPARSEABLE",
+    "signing_key": "SIGNING_KEY",
+    "checkpoint_interval": "CHECKPOINT_INTERVAL",
 }
-_LIST_KEYS = frozenset({"routes", "methods", "exclude", "statuses", "redact_headers"})
+_LIST_KEYS = frozenset(
+    {"routes", "methods", "exclude", "statuses", "redact_headers", "redact_query", "redact_fields"}
+)
 DEFAULT_SPOOL = "asgi-audit-spool"
 _SIZE = re.compile(r"(\d+)\s*([kmg]i?b?|b)?", re.IGNORECASE)
 _UNITS = {
@@ -123,6 +140,18 @@ class Settings:
     spill_limit: int | None = None
     """Bytes that spill files may hold at once; None: a quarter of the spill folder's
     free space, measured when the first body spills."""
+    redact_query: tuple[str, ...] = ()
+    """Query parameter names redacted besides the default ones (lower case)."""
+    redact_fields: tuple[str, ...] = ()
+    """JSON paths (``card.number``, ``**.ssn``) and form fields redacted in bodies,
+    besides the default secret names, card numbers and JWTs."""
+    redact_bodies: bool = True
+    """Whether the default body rules (secret names, card numbers, JWTs) apply."""
+    redact_unparseable: RedactUnparseable = "redact"
+    signing_key: str | None = field(default=None, repr=False)
+    """The Ed25519 private key that signs checkpoints: a PEM file's path, or PEM text
+    (never shown)."""
+    checkpoint_interval: float = 60.0
 
 
 def load_settings(
@@ -157,12 +186,90 @@ def load_settings(
         fsync=cast(
             FsyncPolicy, _choice(merged.get("fsync", "batch"), "fsync", ("always", "batch", "off"))
         ),
-        redact_headers=_header_names(merged.get("redact_headers", DEFAULT_SECRET_HEADERS)),
+        redact_headers=_redacted_headers(
+            merged.get("redact_headers", ()), merged.get("redact_headers_default", True)
+        ),
         shutdown_timeout=_seconds(merged.get("shutdown_timeout", 20.0), "shutdown_timeout"),
         spool_limit=_optional_size(merged.get("spool_limit", "unlimited"), "spool_limit"),
         mode=cast(Mode, _choice(merged.get("mode", "batch"), "mode", MODES)),
         spill_limit=_spill_limit(merged.get("spill_limit", "auto")),
+        redact_query=_query_names(merged.get("redact_query", ())),
+        redact_fields=_field_paths(merged.get("redact_fields", ())),
+        redact_bodies=_flag(merged.get("redact_bodies", True), "redact_bodies"),
+        redact_unparseable=cast(
+            RedactUnparseable,
+            _choice(
+                merged.get("redact_unparseable", "redact"),
+                "redact_unparseable",
+                ("redact", "keep"),
+            ),
+        ),
+        signing_key=_signing_key(merged.get("signing_key")),
+        checkpoint_interval=_interval(merged.get("checkpoint_interval", 60.0)),
     )
+
+
+def _redacted_headers(value: Any, defaults: Any) -> tuple[str, ...]:
+    """The default secret headers (unless turned off) and the ones given, once each."""
+    if value is False:  # the earlier way of turning redaction off
+        value, defaults = (), False
+    names = list(DEFAULT_SECRET_HEADERS) if _flag(defaults, "redact_headers_default") else []
+    names.extend(_header_names(value))
+    return tuple(dict.fromkeys(names))
+
+
+def _flag(value: Any, parameter: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(parameter, f"expected true or false (got {value!r})")
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _query_names(value: Any) -> tuple[str, ...]:
+    names = _list(value, "redact_query")
+    for name in names:
+        if not isinstance(name, str) or not name or "&" in name or "=" in name:
+            raise ConfigError("redact_query", f"not a query parameter name: {name!r}")
+    return tuple(name.lower() for name in names)
+
+
+_FIELD_SEGMENT = re.compile(r"\*\*|\*|[^.*]+")
+
+
+def _field_paths(value: Any) -> tuple[str, ...]:
+    """Dotted JSON paths: key segments, ``*`` (one key) and ``**`` (any depth)."""
+    paths = _list(value, "redact_fields")
+    for path in paths:
+        if (
+            not isinstance(path, str)
+            or not path
+            or not all(_FIELD_SEGMENT.fullmatch(segment) for segment in path.split("."))
+        ):
+            raise ConfigError(
+                "redact_fields",
+                f"expected a dotted path such as 'card.number' or '**.ssn' (got {path!r})",
+            )
+    return tuple(paths)
+
+
+def _signing_key(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigError("signing_key", "expected the path of a PEM file, or PEM text")
+    return os.fspath(value)
+
+
+def _interval(value: Any) -> float:
+    seconds = _seconds(value, "checkpoint_interval")
+    if seconds <= 0:
+        raise ConfigError("checkpoint_interval", f"must be more than 0 seconds (got {value!r})")
+    return seconds
 
 
 def _spill_limit(value: Any) -> int | None:

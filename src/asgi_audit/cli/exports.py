@@ -65,6 +65,8 @@ def public_dict(record: StoredRecord, *, bodies: bool = False) -> dict[str, Any]
         "request_headers": record.request_headers,
         "response_headers": record.response_headers,
         "redacted_headers": record.redacted_headers,
+        "redacted_query": record.redacted_query,
+        "chain_prev": record.chain_prev,
     }
     for side, body, size in (
         ("request", record.request_body, record.request_size),
@@ -74,6 +76,8 @@ def public_dict(record: StoredRecord, *, bodies: bool = False) -> dict[str, Any]
         out[f"{side}_body_sha256"] = body.sha256 if body is not None else None
         out[f"{side}_body_truncated"] = body.truncated if body is not None else False
         out[f"{side}_body_complete"] = body.complete if body is not None else None
+        out[f"{side}_body_redacted"] = body.redacted if body is not None else []
+        out[f"{side}_body_unparseable"] = body.unparseable if body is not None else False
         if bodies:
             text, encoding = body_text(body)
             out[f"{side}_body"] = text

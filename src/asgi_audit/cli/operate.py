@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import click
 
 from ..errors import AuditError
+from ..recording.chain import RETENTION_STREAM, retention_marker
+from ..recording.signing import load_signer
 from ..shipping.quarantine import Quarantine
-from ..sinks import check_sink_url
+from ..sinks import Query, check_sink_url
 from .exports import iso
 from .main import main, opened_sink, sink_option, size_text, spool_option
 from .terminal import printable, printable_url
@@ -80,6 +83,7 @@ def spool_retry(spool: str, sink: str, ids: tuple[str, ...]) -> None:
     """Send the records in quarantine to the sink again; those it takes leave the
     quarantine, those it still refuses stay there with its new reason."""
     from ..errors import RecordRefused
+    from ..recording.frames import checkpoint_of
     from ..shipping.shipper import stored_record
 
     quarantine = Quarantine(Path(spool))
@@ -90,8 +94,13 @@ def spool_retry(spool: str, sink: str, ids: tuple[str, ...]) -> None:
     stored = refused = 0
     with opened_sink(sink) as opened:
         for entry in entries:
+            spooled = quarantine.read(entry)
+            checkpoints = [c for c in (checkpoint_of(r.meta) for r in spooled) if c is not None]
             try:
-                opened.write_batch([stored_record(r) for r in quarantine.read(entry)])
+                if checkpoints:
+                    opened.write_checkpoints(checkpoints)
+                else:
+                    opened.write_batch([stored_record(r) for r in spooled])
             except RecordRefused as exc:
                 refused += 1
                 quarantine.refused_again(entry, str(exc))
@@ -157,11 +166,18 @@ def ship(
         raise SystemExit(code)
 
 
+DAY_NS = 86_400 * 10**9
+
+
 @runtime_checkable
 class Retention(Protocol):
     """A sink that forgets old records in bulk (PostgreSQL drops whole day partitions)."""
 
-    def apply_retention(self, keep_days: int) -> list[str]: ...
+    def apply_retention(self, keep_days: int, *, now_ns: int | None = None) -> list[str]: ...
+
+    def partitions(self) -> Sequence[Any]:
+        """What would go: each with ``name`` and ``high_ns`` (exclusive end)."""
+        ...
 
 
 @main.group()
@@ -177,14 +193,56 @@ def retention() -> None:
     type=click.IntRange(min=1),
     help="Keep this many days of records; whole older days are dropped.",
 )
-def retention_apply(sink: str, keep_days: int) -> None:
-    """Drop the days of records older than --keep-days (run it daily, e.g. a CronJob)."""
+@click.option(
+    "--signing-key",
+    envvar="ASGI_AUDIT_SIGNING_KEY",
+    help="The Ed25519 private key (a PEM file) that signs the retention marker; env "
+    "ASGI_AUDIT_SIGNING_KEY (a path or the PEM text).",
+)
+def retention_apply(sink: str, keep_days: int, signing_key: str | None) -> None:
+    """Drop the days of records older than --keep-days (run it daily, e.g. a CronJob).
+
+    First a retention marker is stored beside the checkpoints, listing every record about
+    to go by stream and sequence number, signed with the signing key when one is given:
+    `asgi-audit verify` then reports those records as removed by retention, not deleted."""
+    signer = None
+    if signing_key:
+        try:
+            signer = load_signer(signing_key, "--signing-key")
+        except AuditError as exc:
+            raise click.UsageError(str(exc)) from None
     with opened_sink(sink) as opened:
         if not isinstance(opened, Retention):
             raise click.ClickException(
                 f"{printable_url(sink)}: this sink has no retention (postgresql:// sinks have)"
             )
-        dropped = opened.apply_retention(keep_days)
+        now = time.time_ns()
+        cutoff = now - keep_days * DAY_NS
+        going = [part for part in opened.partitions() if part.high_ns <= cutoff]
+        if going:
+            until = max(part.high_ns for part in going)
+            removed: dict[str, list[int]] = {}
+            for record in opened.search(Query(until_ns=until, limit=None, newest_first=False)):
+                removed.setdefault(record.stream, []).append(record.seq)
+            markers = sorted(
+                opened.checkpoints(RETENTION_STREAM), key=lambda marker: marker["index"]
+            )
+            marker = retention_marker(
+                index=(markers[-1]["index"] + 1) if markers else 1,
+                previous=markers[-1] if markers else None,
+                at_ns=now,
+                until_ns=until,
+                removed=removed,
+                dropped=[part.name for part in going],
+                signer=signer,
+            )
+            opened.write_checkpoints([marker])
+            click.echo(
+                f"retention marker {marker['index']}: "
+                f"{sum(len(seqs) for seqs in removed.values())} records of "
+                f"{len(removed)} stream(s){'' if signer else ' (unsigned: no signing key)'}"
+            )
+        dropped = opened.apply_retention(keep_days, now_ns=now)
     for name in dropped:
         click.echo(f"dropped {printable(name)}")
     click.echo(f"{len(dropped)} partition(s) dropped; newer than {keep_days} day(s) kept")

@@ -57,6 +57,10 @@ _MAGIC_STEM = b"AAB"
 PACKED = "spool_packed"
 """Meta key: which of the record's bodies the spool holds zstd-packed ("request",
 "response"); absent when both are as captured."""
+KIND = "kind"
+"""Meta key present on what is not an exchange: ``{"kind": "checkpoint", "checkpoint":
+{...}}`` is a stream's checkpoint (:mod:`.chain`), written between its records."""
+CHECKPOINT = "checkpoint"
 
 
 @dataclass(slots=True)
@@ -351,3 +355,11 @@ def decode_payload(payload: bytes, unpack: bool = True) -> Iterator[SpooledRecor
 
 def _unpack(packed: bytes, unpack: bool) -> bytes:
     return (packing.decode(packed, "zstd") or b"") if unpack else b""
+
+
+def checkpoint_of(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint a spool record carries, or None for an exchange's record."""
+    if meta.get(KIND) != CHECKPOINT:
+        return None
+    found = meta.get(CHECKPOINT)
+    return found if isinstance(found, dict) else None

@@ -25,6 +25,9 @@ def body_metadata(body: Body | None) -> dict[str, Any] | None:
         "skipped": body.skipped,
         "complete": body.complete,
         "sent_path": sent_path,
+        "stored_sha256": None,
+        "redacted": [],
+        "unparseable": False,
     }
 
 
@@ -65,6 +68,7 @@ def exchange_metadata(exchange: Exchange) -> dict[str, Any]:
         "response_headers": _headers(exchange.response_headers),
         "response_trailers": _headers(exchange.response_trailers),
         "redacted_headers": [],
+        "redacted_query": [],
         "request_size": exchange.request_size,
         "response_size": exchange.response_size,
         "request_body": body_metadata(exchange.request_body),

@@ -2,8 +2,9 @@
 
 Redaction is a pipeline of small steps, each ``(meta) -> meta`` over the record's
 metadata dictionary, run by the recorder thread in order (structlog's processors are the
-model). Header redaction is the first step; body redaction (JSON fields, patterns) will be
-further steps in the same pipeline, so that the spool never holds a secret in clear.
+model): headers, then the query string (:mod:`.redact_query`). Bodies are redacted by
+the writer as it reads their bytes (:mod:`.redact_body`), before they are hashed for the
+chain and packed, so that the spool never holds a secret in clear.
 """
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ def header_redactor(names: Iterable[str], marker: str = MARKER) -> Step:
         return meta
 
     return redact
+
+
+def query_redactor(redact: Callable[[str], tuple[str, list[str]]]) -> Step:
+    """A step that redacts the stored query string with ``redact`` (a
+    :class:`~.redact_query.QueryRedactor`), listing the names it replaced."""
+
+    def step(meta: Metadata) -> Metadata:
+        query = meta.get("query")
+        if query:
+            meta["query"], names = redact(query)
+            if names:
+                meta["redacted_query"] = names
+        return meta
+
+    return step
 
 
 def run_pipeline(steps: Iterable[Step], meta: Metadata) -> Metadata:

@@ -59,6 +59,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -67,7 +68,10 @@ from ..capture.record import Body, Exchange
 from ..capture.settings import DEFAULT_SECRET_HEADERS, FsyncPolicy, Overflow
 from ..errors import RecorderClosed, SpoolError
 from . import packing
+from .chain import StreamChain
 from .frames import (
+    CHECKPOINT,
+    KIND,
     PACKED,
     RECORD_HEADER,
     encode_frame,
@@ -77,12 +81,18 @@ from .frames import (
 )
 from .handoff import RoomSignal, memory_weight
 from .metadata import exchange_metadata
-from .redact import Step, header_redactor, run_pipeline
+from .redact import Step, header_redactor, query_redactor, run_pipeline
+from .redact_body import UNPARSEABLE, BodyRedaction, BodyRedactor
+from .redact_query import QueryRedactor
+from .signing import Signer
 from .spool import SegmentWriter, spool_bytes
 
 logger = logging.getLogger("asgi_audit.recorder")
 
 MAX_FRAME_BYTES = 16 << 20
+REDACT_LIMIT = 8 << 20
+"""A body with redaction rules and more stored bytes than this is not parsed in the
+writer: it is stored as the unparseable marker (unless ``redact_unparseable="keep"``)."""
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 5.0
 """Seconds between retries of a failing write or sync: doubling from the first to the
@@ -122,6 +132,10 @@ class SpoolRecorder:
         disk_cap: int | None = None,
         overflow: Overflow = "block",
         redact_headers: Iterable[str] = DEFAULT_SECRET_HEADERS,
+        redact_query: Iterable[str] = (),
+        body_redactor: BodyRedactor | None = None,
+        signer: Signer | None = None,
+        checkpoint_interval: float = 60.0,
         on_start: Hook | None = None,
         on_open: Hook | None = None,
         on_tick: Hook | None = None,
@@ -141,7 +155,18 @@ class SpoolRecorder:
         self.segment_age = segment_age
         self.disk_cap = disk_cap
         self.overflow = overflow
-        self.pipeline: list[Step] = [header_redactor(redact_headers)]
+        self.pipeline: list[Step] = [
+            header_redactor(redact_headers),
+            query_redactor(QueryRedactor(redact_query)),
+        ]
+        self.body_redactor = body_redactor
+        """Redacts JSON and form bodies before they are hashed and packed (None: kept
+        as they are)."""
+        self.signer = signer
+        self.checkpoint_interval = checkpoint_interval
+        self.checkpoints = 0
+        """Checkpoints written (the stream's chain: :mod:`.chain`)."""
+        self.bodies_redacted = 0
         self._on_start = on_start
         self._on_open = on_open
         self._on_tick = on_tick
@@ -207,6 +232,8 @@ class SpoolRecorder:
         """Set by ``shutdown(timeout)``: past it, a writer that is retrying gives up."""
         self._gave_up = False
         self.stream = ""
+        self._chain: StreamChain | None = None
+        self._checkpoint_at = 0.0
 
     # -- the request path ------------------------------------------------------------
 
@@ -266,6 +293,7 @@ class SpoolRecorder:
                 if self._stream_of
                 else f"{self.service}.{os.getpid()}.{time.time_ns()}"
             )
+            self._chain = StreamChain(self.stream, self.service, signer=self.signer)
             thread = threading.Thread(target=self._run, name="asgi-audit-recorder", daemon=True)
             self._thread = thread
             thread.start()
@@ -329,6 +357,10 @@ class SpoolRecorder:
                     self._unacknowledged += len(batch)
                     self._record(batch)
                 now = time.monotonic()
+                if self._writer is not None and (
+                    closing or now - self._checkpoint_at >= self.checkpoint_interval
+                ):
+                    self._write_checkpoint(self._writer, final=closing)
                 if self._pending and self._sync_due(now - last_sync, closing):
                     self._sync_pending()
                     last_sync = now
@@ -430,10 +462,27 @@ class SpoolRecorder:
                 logger.warning("asgi-audit: spool stream %s is open again", writer.directory)
             self._refuse_until = 0.0
         self._writer = writer
+        self._write_checkpoint(writer, final=False)  # the stream's first: it is ours
         self._hook(self._on_open, "open")
         return writer
 
+    def _write_checkpoint(self, writer: SegmentWriter, *, final: bool) -> None:
+        """Append the stream's next checkpoint (held for the next sync like a record)."""
+        chain = self._chain
+        assert chain is not None  # made by start(), before the thread
+        self._checkpoint_at = time.monotonic()
+        checkpoint = chain.checkpoint(at_ns=time.time_ns(), final=final)
+        header, payload = encode_frame([({KIND: CHECKPOINT, CHECKPOINT: checkpoint}, [], [])])
+        self._retrying(lambda: writer.append(header, payload))
+        self.checkpoints += 1
+        self._hold(_Written([], header, payload))
+
     def _record(self, batch: list[Exchange]) -> None:
+        # The cap is judged on what the spool held before this batch (and before the
+        # stream's first checkpoint, which a new stream writes first).
+        self._respect_disk_cap(batch)
+        if not batch:
+            return
         writer = self._writer or self._open()
         if writer is None:
             self._lose(batch)
@@ -508,7 +557,6 @@ class SpoolRecorder:
         MAX_FRAME_BYTES, a large record streamed into a frame of its own. Whatever goes
         wrong, each exchange ends up written (held until synced) or settled as not kept,
         exactly once."""
-        self._respect_disk_cap(batch)
         waiting = deque(batch)
         records: list[_Small | _Large] = []
         size = 0
@@ -524,6 +572,10 @@ class SpoolRecorder:
                     size = 0
             self._append_records(writer, records)
         except BaseException:
+            chain = self._chain
+            for record in records:  # numbered and chained, never written
+                if chain is not None:
+                    chain.lose(record.seq)
             self._lose([record.exchange for record in records] + list(waiting))
             raise
 
@@ -743,60 +795,171 @@ class SpoolRecorder:
         """``shown`` (``exchange`` as its record tells it) encoded as record ``seq``;
         raises :class:`_Unreadable` when a kept body's bytes cannot be read."""
         request, response = _kept(shown.request_body), _kept(shown.response_body)
-        carried = _stored_size(request) + _stored_size(response)
+        # A record too large for memory is streamed from its spill files, unread: a body
+        # of it that has redaction rules cannot be redacted, so it is not kept.
+        large = _stored_size(request) + _stored_size(response) >= MAX_FRAME_BYTES
+        carried = self._carried(request, "request", shown.request_headers, large)
+        carried += self._carried(response, "response", shown.response_headers, large)
         if carried >= MAX_FRAME_BYTES:
             # Spilled bodies weigh nothing in the queue: a large one is streamed from its
             # spill file into a frame of its own, never held in memory whole.
-            meta = self._draft(shown, seq)
+            shown, about = self._unredactable(shown, request, response)
+            request, response = _kept(shown.request_body), _kept(shown.response_body)
+            meta = self._draft(shown, seq, about=about)
             return _Large.checked(exchange, shown, seq, meta, request, response)
         packed: list[str] = []
-        digests: dict[str, str] = {}
-        request_chunks = self._pack(request, "request", packed, digests)
-        response_chunks = self._pack(response, "response", packed, digests)
-        meta = self._draft(shown, seq, packed, digests)
-        return _Small(exchange, carried, meta, request_chunks, response_chunks)
+        about = {}
+        request_chunks = self._pack(request, "request", shown.request_headers, packed, about, large)
+        response_chunks = self._pack(
+            response, "response", shown.response_headers, packed, about, large
+        )
+        meta = self._draft(shown, seq, packed, about)
+        return _Small(exchange, seq, carried, meta, request_chunks, response_chunks)
+
+    def _unredactable(
+        self, shown: Exchange, request: Body | None, response: Body | None
+    ) -> tuple[Exchange, dict[str, dict[str, Any]]]:
+        """A large record as it is streamed: each body with redaction rules stands in as
+        the unparseable marker (it cannot be read whole to be redacted), with the digest
+        of the body as received; ``about`` holds each body's digests."""
+        about: dict[str, dict[str, Any]] = {}
+        for name, body, headers in (
+            ("request", request, shown.request_headers),
+            ("response", response, shown.response_headers),
+        ):
+            if body is None:
+                continue
+            if not self._too_large_to_redact(body, name, headers, True):
+                about[name] = {"stored_sha256": _stored_digest(body, name)}
+                continue
+            about[name] = {
+                "sha256": body.known_sha256() or body.sha256(),
+                "stored_sha256": _sha256(UNPARSEABLE),
+                "unparseable": True,
+            }
+            stand_in = Body(
+                size=body.size,
+                complete=body.complete,
+                truncated=body.truncated,
+                chunks=[UNPARSEABLE],
+            )
+            self.bodies_redacted += 1
+            if name == "request":
+                shown = dataclasses.replace(shown, request_body=stand_in)
+            else:
+                shown = dataclasses.replace(shown, response_body=stand_in)
+        return shown, about
+
+    def _carried(
+        self, body: Body | None, name: str, headers: list[tuple[bytes, bytes]], large: bool
+    ) -> int:
+        """The bytes ``body`` will put in the frame (a marker for one too large to
+        redact)."""
+        if self._too_large_to_redact(body, name, headers, large):
+            return len(UNPARSEABLE)
+        return _stored_size(body)
+
+    def _too_large_to_redact(
+        self, body: Body | None, name: str, headers: list[tuple[bytes, bytes]], large: bool
+    ) -> bool:
+        """Whether a body with redaction rules is too large to be parsed here (itself, or
+        the record it is part of, which is then streamed unread): it is then stored as
+        the unparseable marker (``redact_unparseable="redact"``), never in clear and
+        never held in memory whole."""
+        redactor = self.body_redactor
+        return (
+            redactor is not None
+            and redactor.unparseable == "redact"
+            and body is not None
+            and (large or body.stored_size >= REDACT_LIMIT)
+            and _has_rules(body, name, headers)
+        )
 
     def _pack(
-        self, body: Body | None, name: str, packed: list[str], digests: dict[str, str]
+        self,
+        body: Body | None,
+        name: str,
+        headers: list[tuple[bytes, bytes]],
+        packed: list[str],
+        about: dict[str, dict[str, Any]],
+        large: bool,
     ) -> list[bytes]:
-        """The body's bytes as the spool keeps them: zstd-packed when that pays (``name``
-        is then added to ``packed``). Its SHA-256 goes into ``digests`` unless the tap
-        knows it already, so that the shipper need not hash, or unpack, it. Packing here,
-        without the GIL, spares the copy into the frame, the checksums, the write, the
-        sync and the shipper's read most of their bytes."""
+        """The body's bytes as the spool keeps them: redacted (JSON and form bodies), then
+        zstd-packed when that pays (``name`` is then added to ``packed``). ``about[name]``
+        gets the SHA-256 of the body as received (unless the tap knows it already) and of
+        the bytes stored, which the chain covers, and what redaction replaced. Hashing
+        and packing here, without the GIL, spare the copy into the frame, the checksums,
+        the write, the sync and the shipper's read most of their bytes."""
+        if body is None:
+            return []
+        entry: dict[str, Any] = {}
+        about[name] = entry
+        if self._too_large_to_redact(body, name, headers, large):
+            if body.known_sha256() is None:
+                entry["sha256"] = body.sha256()
+            entry.update(unparseable=True, stored_sha256=_sha256(UNPARSEABLE))
+            self.bodies_redacted += 1
+            return [UNPARSEABLE]
         chunks = list(_read_body(body, name))
-        if body is None or body.stored_size < packing.MIN_SIZE:
-            return chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         hasher = self._hasher
         assert hasher is not None  # made by the writer thread, the only caller
-        digest = None if body.known_sha256() else hasher.submit(_sha256, data)
-        small = packing.pack(data)
-        if digest is not None:
-            digests[name] = digest.result()
+        found = body.known_sha256()
+        received = None if found or len(data) < packing.MIN_SIZE else hasher.submit(_sha256, data)
+        stored = data
+        redaction = self._redact(data, headers)
+        if redaction is not None:
+            stored = redaction.data
+            entry.update(redacted=redaction.paths, unparseable=redaction.unparseable)
+            self.bodies_redacted += 1
+        own = redaction is not None or body.truncated  # stored differs from received
+        big = len(stored) >= packing.MIN_SIZE
+        stored_digest = hasher.submit(_sha256, stored) if own and big else None
+        small = packing.pack(stored)
+        digest = found or (received.result() if received is not None else _sha256(data))
+        if found is None:
+            entry["sha256"] = digest
+        if not own:
+            entry["stored_sha256"] = digest
+        else:
+            entry["stored_sha256"] = (
+                stored_digest.result() if stored_digest is not None else _sha256(stored)
+            )
         if small is None:
-            return chunks
+            return chunks if stored is data else [stored]
         packed.append(name)
         return [small]
+
+    def _redact(self, data: bytes, headers: list[tuple[bytes, bytes]]) -> BodyRedaction | None:
+        redactor = self.body_redactor
+        if redactor is None or not data:
+            return None
+        content_type, encoding = _content_headers(headers)
+        return redactor.redact(data, content_type, encoding)
 
     def _draft(
         self,
         exchange: Exchange,
         seq: int,
         packed: list[str] | None = None,
-        digests: dict[str, str] | None = None,
+        about: dict[str, dict[str, Any]] | None = None,
     ) -> bytes:
-        """The record's metadata, redacted and encoded, as record ``seq``; ``packed`` names
-        the bodies the spool keeps zstd-packed, ``digests`` the ones computed here."""
+        """The record's metadata, redacted, chained and encoded, as record ``seq``;
+        ``packed`` names the bodies the spool keeps zstd-packed, ``about`` what the writer
+        learnt of each body (digests, redaction)."""
         meta = exchange_metadata(exchange)
-        meta["seq"] = seq
         meta = run_pipeline(self.pipeline, meta)
         if packed:
             meta[PACKED] = packed
-        for name, digest in (digests or {}).items():
-            meta[f"{name}_body"]["sha256"] = digest
-        # Encoded here, one record at a time: a record that cannot be encoded (a lone
-        # surrogate in a path) is skipped alone, and leaves no gap in ``seq``.
+        for name, found in (about or {}).items():
+            meta[f"{name}_body"].update(found)
+        chain = self._chain
+        assert chain is not None  # made by start(), before the thread
+        meta["stream"] = chain.stream  # the stream whose chain it joins (the same name,
+        # unless a recorder is used without the middleware's identity)
+        # Chained and encoded here, one record at a time: a record that cannot be encoded
+        # (a lone surrogate in a path) is skipped alone, and leaves no gap in ``seq``.
+        chain.link(meta, seq)
         return orjson.dumps(meta)
 
 
@@ -822,6 +985,7 @@ class _Small:
     """A record joined in memory, ready to share a frame."""
 
     exchange: Exchange
+    seq: int
     carried: int
     meta: bytes
     request: list[bytes]
@@ -991,3 +1155,43 @@ def _discard(exchanges: Iterable[Exchange]) -> None:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _stored_digest(body: Body | None, name: str) -> str | None:
+    """SHA-256 of a large body's stored bytes: the tap's digest unless it was truncated
+    (then its spill file is read once more)."""
+    if body is None:
+        return None
+    found = body.known_sha256()
+    if found is not None and not body.truncated:
+        return found
+    hasher = hashlib.sha256()
+    for chunk in _read_body(body, name):
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _content_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None]:
+    """The Content-Type and Content-Encoding of a message (latin-1), if any."""
+    content_type = encoding = None
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"content-type":
+            content_type = value.decode("latin-1")
+        elif lowered == b"content-encoding":
+            encoding = value.decode("latin-1")
+    return content_type, encoding
+
+
+def _has_rules(body: Body, name: str, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a body sent with ``headers`` has redaction rules (JSON or a form; one
+    without a type that starts like JSON)."""
+    content_type, _ = _content_headers(headers)
+    if content_type is not None:
+        kind = content_type.split(";", 1)[0].strip().lower()
+        return kind.endswith(("/json", "+json")) or kind == "application/x-www-form-urlencoded"
+    for chunk in _read_body(body, name):
+        start = chunk.lstrip()
+        if start:
+            return start[:1] in (b"{", b"[")
+    return False

@@ -30,6 +30,9 @@ from pathlib import Path
 from .._forks import after_fork
 from ..capture.record import Exchange
 from ..capture.settings import Settings
+from ..errors import ConfigError
+from ..recording.redact_body import BodyRedactor
+from ..recording.signing import load_signer
 from ..recording.spool import streams
 from ..recording.writer import SpoolRecorder
 from ..sinks import check_sink_url
@@ -52,6 +55,10 @@ class Delivery:
             fsync=settings.fsync,
             overflow=settings.overflow,
             redact_headers=settings.redact_headers,
+            redact_query=settings.redact_query,
+            body_redactor=body_redactor(settings),
+            signer=None if settings.signing_key is None else load_signer(settings.signing_key),
+            checkpoint_interval=settings.checkpoint_interval,
             disk_cap=settings.spool_limit,
             on_start=self._start_shipper_for_leftovers,
             on_open=self._start_shipper,
@@ -152,6 +159,21 @@ class Delivery:
             if process is None or process.running():
                 return
             process.start()
+
+
+def body_redactor(settings: Settings) -> BodyRedactor | None:
+    """The body redaction the settings ask for (None: bodies are kept as they are)."""
+    if not settings.redact_bodies and not settings.redact_fields:
+        return None
+    try:
+        return BodyRedactor(
+            fields=settings.redact_fields,
+            defaults=settings.redact_bodies,
+            values=settings.redact_bodies,
+            unparseable=settings.redact_unparseable,
+        )
+    except ValueError as exc:
+        raise ConfigError("redact_fields", str(exc)) from None
 
 
 def _remaining(deadline: float) -> float:

@@ -15,6 +15,7 @@ moves past the record, so a crash in between quarantines it twice at worst.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -25,7 +26,14 @@ from pathlib import Path
 
 import orjson
 
-from ..recording.frames import PACKED, Frame, SpooledRecord, decode_payload, encode_frame
+from ..recording.frames import (
+    PACKED,
+    Frame,
+    SpooledRecord,
+    checkpoint_of,
+    decode_payload,
+    encode_frame,
+)
 from ..recording.frames import read_frames as _read_frames
 from ..recording.spool import fsync_directory, private_directory
 
@@ -140,6 +148,10 @@ class Quarantine:
 def _file_id(spooled: SpooledRecord) -> str:
     """The record id as a file name: ids come from our own writer, but a damaged or
     hand-made spool must not name a path outside the folder."""
+    checkpoint = checkpoint_of(spooled.meta)
+    if checkpoint is not None:
+        stream = hashlib.sha256(str(checkpoint.get("stream")).encode()).hexdigest()[:16]
+        return f"checkpoint-{stream}-{int(checkpoint.get('index') or 0)}"
     record_id = str(spooled.meta.get("id", ""))
     if _SAFE_ID.fullmatch(record_id):
         return record_id

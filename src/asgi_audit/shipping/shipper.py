@@ -11,6 +11,7 @@ Where it runs (a child process, a sidecar, a thread) is :mod:`.runners`' busines
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -24,7 +25,17 @@ from typing import Any
 
 from ..errors import RecordRefused, ShippingStopped
 from ..recording import packing
-from ..recording.frames import Damage, Frame, SpooledRecord, Tail, decode_payload, read_frames
+from ..recording.frames import (
+    CHECKPOINT,
+    KIND,
+    Damage,
+    Frame,
+    SpooledRecord,
+    Tail,
+    checkpoint_of,
+    decode_payload,
+    read_frames,
+)
 from ..recording.spool import Checkpoint, StreamDirectory, streams, try_lock, unlock
 from ..sinks import BatchWriter
 from ..sinks.record import StoredRecord
@@ -47,12 +58,21 @@ class ShipReport:
     adopted: list[str] = field(default_factory=list)
     pending_streams: int = 0
     quarantined: int = 0
+    checkpoints: int = 0
     damaged: list[tuple[str, str, int, int]] = field(default_factory=list)
     """Byte ranges skipped as damaged: (stream, segment, first byte, end)."""
 
 
 Entry = tuple[SpooledRecord, StoredRecord]
 """A record on its way: as the spool holds it (for the quarantine) and as sinks take it."""
+
+
+class _Batch(list[Entry]):
+    """Records on their way, and the chain checkpoints read among them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checkpoints: list[dict[str, Any]] = []
 
 
 def stored_record(spooled: SpooledRecord) -> StoredRecord:
@@ -125,6 +145,7 @@ class Shipper:
         self.damaged_bytes = 0
         self.quarantine = Quarantine(self.root)
         self.failure_log = FailureLog()
+        self._told_no_checkpoints = False
 
     def ship_once(
         self, *, timeout: float | None = None, stop: threading.Event | None = None
@@ -173,7 +194,7 @@ class Shipper:
     ) -> None:
         checkpoint = stream.checkpoint()
         segments = stream.segments()
-        batch: list[Entry] = []
+        batch = _Batch()
         size = 0
         position = checkpoint
         for index, segment in enumerate(segments):
@@ -184,6 +205,10 @@ class Shipper:
             for item in read_frames(stream.directory / segment, start):
                 if isinstance(item, Frame):
                     for spooled in self._records(item, stream, segment, report):
+                        found = checkpoint_of(spooled.meta)
+                        if found is not None:
+                            batch.checkpoints.append(found)
+                            continue
                         entry = self._settle(spooled, stream, report)
                         if entry is None:
                             continue
@@ -193,7 +218,7 @@ class Shipper:
                     position = Checkpoint(segment, item.end, position.delivered)
                     if len(batch) >= self.batch_records or size >= self.batch_bytes:
                         position = self._deliver(stream, batch, position, report, deadline, stop)
-                        batch, size = [], 0
+                        batch, size = _Batch(), 0
                     continue
                 if isinstance(item, Damage):
                     self._damaged(stream, segment, item.offset, item.end, item.reason, report)
@@ -204,7 +229,7 @@ class Shipper:
                     # may be a frame still being written; anywhere else it is damage
                     report.repaired_bytes += stream.truncate(segment, item.offset, item.reason)
                 position = Checkpoint(segment, item.offset, position.delivered)
-        if batch:
+        if batch or batch.checkpoints:
             position = self._deliver(stream, batch, position, report, deadline, stop)
         elif position != checkpoint and position.segment:
             stream.save_checkpoint(position)
@@ -257,15 +282,18 @@ class Shipper:
     def _deliver(
         self,
         stream: StreamDirectory,
-        batch: list[Entry],
+        batch: _Batch,
         position: Checkpoint,
         report: ShipReport,
         deadline: float | None,
         stop: threading.Event | None,
     ) -> Checkpoint:
         """Deliver ``batch`` (records the sink refuses for good go to the quarantine),
-        then move the checkpoint past it."""
-        self._write(stream, batch, report, deadline, stop)
+        then its chain checkpoints, then move the spool's checkpoint past it."""
+        if batch:
+            self._write(stream, batch, report, deadline, stop)
+        if batch.checkpoints:
+            self._write_checkpoints(stream, batch.checkpoints, report, deadline, stop)
         delivered = Checkpoint(position.segment, position.offset, position.delivered + len(batch))
         stream.save_checkpoint(delivered)
         return delivered
@@ -285,7 +313,10 @@ class Shipper:
         while pending:
             part = pending.pop()
             try:
-                self._write_retrying([record for _, record in part], deadline, stop)
+                records = [record for _, record in part]
+                self._write_retrying(
+                    functools.partial(self.sink.write_batch, records), len(records), deadline, stop
+                )
             except RecordRefused as refused:
                 named = set(refused.ids)
                 if named and any(record.id in named for _, record in part):
@@ -319,23 +350,55 @@ class Shipper:
         report.quarantined += len(entries)
         self.quarantined += len(entries)
 
-    def _write_retrying(
+    def _write_checkpoints(
         self,
-        records: list[StoredRecord],
+        stream: StreamDirectory,
+        checkpoints: list[dict[str, Any]],
+        report: ShipReport,
         deadline: float | None,
         stop: threading.Event | None,
     ) -> None:
-        """``sink.write_batch`` until it succeeds; :class:`RecordRefused` is raised to
-        the caller, any other error is taken for a sink that is unavailable for now."""
+        """Store the chain's checkpoints beside the records (a sink without checkpoints,
+        a test's, is told once); one the sink refuses goes to the quarantine."""
+        write = getattr(self.sink, "write_checkpoints", None)
+        if write is None:
+            if not self._told_no_checkpoints:
+                self._told_no_checkpoints = True
+                logger.warning(
+                    "asgi-audit: %r keeps no checkpoints; the chain cannot be verified there",
+                    self.sink,
+                )
+            return
+        try:
+            self._write_retrying(lambda: write(checkpoints), len(checkpoints), deadline, stop)
+        except RecordRefused as refused:
+            for found in checkpoints:
+                meta = {KIND: CHECKPOINT, CHECKPOINT: found}
+                self.quarantine.put(SpooledRecord(meta, b"", b""), str(refused), stream.name)
+            report.quarantined += len(checkpoints)
+            self.quarantined += len(checkpoints)
+            return
+        report.checkpoints += len(checkpoints)
+
+    def _write_retrying(
+        self,
+        write: Callable[[], None],
+        count: int,
+        deadline: float | None,
+        stop: threading.Event | None,
+    ) -> None:
+        """``write()`` (one call to the sink) until it succeeds; :class:`RecordRefused` is
+        raised to the caller, any other error is taken for a sink that is unavailable for
+        now."""
         delay = self.backoff_initial
         while True:
             try:
-                self.sink.write_batch(records)
+                write()
             except RecordRefused:
                 raise
             except Exception as exc:
                 self.failures += 1
-                self.failure_log.failed(exc, len(records), delay)
+                self.failure_log.failed(exc, count, delay)
                 pause = delay * random.uniform(0.5, 1.5)
                 if deadline is not None and time.monotonic() + pause > deadline:
                     raise ShippingStopped from exc

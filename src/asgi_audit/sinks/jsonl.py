@@ -22,6 +22,14 @@ record (its id read from the start of the line, where the writer puts it) raises
 :class:`CorruptRecord` naming them, and only when no intact copy of it exists. The writer
 counts such a record as not stored, so a re-delivery appends an intact copy.
 
+Checkpoints: ``checkpoints.jsonl`` in the same directory, one line per checkpoint, its
+JSON text as given (see :mod:`asgi_audit.sinks.checkpoint_rows`), appended and fsynced
+like records, under the same writer lock; the writer keeps the set of ``(stream, index)``
+pairs stored, built by scanning the file (repairing a torn last line) at its first
+checkpoint, and skips those. A damaged line is skipped with the same warning as a damaged
+record line, and its checkpoint counts as not stored, so a re-delivery appends it. Record
+readers only open ``records-YYYY-MM-DD.jsonl``, so they never read this file.
+
 Refusals: a record whose line cannot be encoded (metadata that is not JSON-able, a packed
 body that does not unpack) is refused (:class:`RecordRefused`, naming it) before anything
 is appended. A full disk or an I/O error stays a :class:`SinkError`, retried.
@@ -44,7 +52,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -52,6 +60,7 @@ from typing import Any
 from ..errors import CorruptRecord, SinkError
 from ..recording import packing
 from ..recording.spool import fsync_directory
+from . import checkpoint_rows
 from .files import FILE_MODE, create_private_file, ensure_directory, existing, file_path
 from .protocols import Query
 from .query import matches
@@ -64,6 +73,7 @@ NS_PER_DAY = 86_400 * 1_000_000_000
 _EPOCH = date(1970, 1, 1)
 _FILE_NAME = re.compile(r"records-(\d{4}-\d{2}-\d{2})\.jsonl")
 _LOCK_NAME = ".writer.lock"
+CHECKPOINTS_NAME = "checkpoints.jsonl"
 _BODIES = ("request_body", "response_body")
 _LEADING_ID = re.compile(rb'\{"id":("(?:[^"\\]|\\.)*")')
 """The id at the start of a line as the writer makes it (metadata's first field), found
@@ -102,6 +112,8 @@ class JsonlSink:
         self._damaged: set[str] = set()
         """Ids read from damaged lines by the writer's scan (``get`` looks for them)."""
         self._reported: set[tuple[Path, int]] = set()
+        self._checkpoint_keys: set[tuple[str, int]] | None = None
+        """The (stream, index) pairs in the checkpoints file, once the writer scanned it."""
 
     def __repr__(self) -> str:
         return f"JsonlSink({os.fspath(self.directory)!r})"
@@ -139,6 +151,28 @@ class JsonlSink:
                 self._ids = None  # scan (and repair) again before the next write
                 raise SinkError(f"{self!r}: batch of {len(fresh)} not stored: {exc}") from exc
             ids.update(fresh)
+
+    def write_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> None:
+        with self._lock:
+            self._check_open()
+            found = checkpoint_rows.checked(checkpoints, repr(self))
+            if not found:
+                return
+            stored = self._writer_checkpoint_keys()
+            fresh = [checkpoint for checkpoint in found if checkpoint.key not in stored]
+            if not fresh:
+                return
+            lines = [checkpoint.text.encode("utf-8") + b"\n" for checkpoint in fresh]
+            try:
+                self._append({self.directory / CHECKPOINTS_NAME: lines})
+            except OSError as exc:
+                self._checkpoint_keys = None  # scan (and repair) again before the next write
+                raise SinkError(f"{self!r}: {len(fresh)} checkpoints not stored: {exc}") from exc
+            stored.update(checkpoint.key for checkpoint in fresh)
+
+    def checkpoints(self, stream: str | None = None) -> Iterator[dict[str, Any]]:
+        self._check_open()
+        return iter(checkpoint_rows.ordered(self._stored_checkpoints(), stream))
 
     def search(self, query: Query) -> Iterator[StoredRecord]:
         self._check_open()
@@ -178,6 +212,7 @@ class JsonlSink:
         with self._lock:
             self._closed = True
             self._ids = None
+            self._checkpoint_keys = None
             fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
             os.close(fd)  # releases the flock
@@ -232,6 +267,45 @@ class JsonlSink:
             raise SinkError(f"{self!r}: cannot scan: {exc}") from exc
         self._damaged = damaged - ids
         return ids
+
+    def _writer_checkpoint_keys(self) -> set[tuple[str, int]]:
+        """The checkpoints stored, scanned once per writer; a torn last line (a crash
+        mid-append, never acknowledged) is cut off, and what was counted is fsynced."""
+        if self._checkpoint_keys is None:
+            self._take_writer_lock()
+            path = self.directory / CHECKPOINTS_NAME
+            keys: set[tuple[str, int]] = set()
+            end = 0
+            for where, line in _complete_lines(path):
+                end = where.offset + len(line)
+                found = self._checkpoint(where, line)
+                if found is not None:
+                    keys.add(found.key)
+            try:
+                with open(path, "r+b") as file:
+                    if file.seek(0, os.SEEK_END) != end:
+                        file.truncate(end)
+                    os.fsync(file.fileno())
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise SinkError(f"{self!r}: cannot scan {CHECKPOINTS_NAME}: {exc}") from exc
+            self._checkpoint_keys = keys
+        return self._checkpoint_keys
+
+    def _stored_checkpoints(self) -> Iterator[checkpoint_rows.Checkpoint]:
+        """Every intact checkpoint line, in file order (damaged ones skipped, reported)."""
+        for where, line in _complete_lines(self.directory / CHECKPOINTS_NAME):
+            found = self._checkpoint(where, line)
+            if found is not None:
+                yield found
+
+    def _checkpoint(self, where: _Line, line: bytes) -> checkpoint_rows.Checkpoint | None:
+        try:
+            return checkpoint_rows.parse(line, str(where))
+        except CorruptRecord as exc:
+            self._report(where, exc)
+            return None
 
     def _report(self, where: _Line, exc: CorruptRecord) -> None:
         """Log a damaged line once per sink: every search passes it again."""

@@ -4,6 +4,8 @@ Named sinks (``memory://name``) are process-global so that a shipper thread and 
 each opening the same URL, see one sink; ``memory://`` alone is private to its instance.
 Records are copied in and out, so a caller that mutates a record it wrote or read cannot
 change what the sink holds (body bytes are immutable and are shared, not copied).
+Checkpoints are kept as their JSON text, as the other sinks keep them, so what comes back
+is what JSON gives back there too.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import copy
 import heapq
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from ..errors import SinkError
+from . import checkpoint_rows
 from .protocols import Query
 from .query import matches, order_key, without_bodies
 from .record import StoredRecord
@@ -25,6 +29,7 @@ class _Records:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.records: dict[str, StoredRecord] = {}
+        self.checkpoints: dict[tuple[str, int], checkpoint_rows.Checkpoint] = {}
 
 
 _named: dict[str, _Records] = {}
@@ -80,6 +85,19 @@ class MemorySink:
         data = self._records()
         with data.lock:
             return len(data.records)
+
+    def write_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> None:
+        data = self._records()
+        found = checkpoint_rows.checked(checkpoints, repr(self))
+        with data.lock:
+            for checkpoint in found:
+                data.checkpoints.setdefault(checkpoint.key, checkpoint)
+
+    def checkpoints(self, stream: str | None = None) -> Iterator[dict[str, Any]]:
+        data = self._records()
+        with data.lock:
+            found = list(data.checkpoints.values())
+        return iter(checkpoint_rows.ordered(found, stream))
 
     def close(self) -> None:
         self._data = None

@@ -10,14 +10,16 @@ will never take what some records hold (the shipper quarantines them: those the 
 cannot store now (the shipper retries the same batch later). A refusal must leave the
 sink as it was (nothing of the batch stored, connections usable). See
 :mod:`asgi_audit.sinks.refusal`.
-The same object answers the CLI's queries (:class:`Sink`).
+The same object answers the CLI's queries (:class:`Sink`), and keeps the streams'
+checkpoints beside the records (:class:`CheckpointStore`): what makes the trail
+tamper-evident is worth nothing if it lives somewhere else than the records it vouches for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .record import StoredRecord
 
@@ -36,6 +38,8 @@ class Query:
     status_high: int | None = None
     """Inclusive status range (``4xx`` is 400..499)."""
     correlation_id: str | None = None
+    stream: str | None = None
+    """Only the records of this stream (one writer process), matched exactly."""
     limit: int | None = 100
     newest_first: bool = True
     with_bodies: bool = False
@@ -63,9 +67,33 @@ class BatchWriter(Protocol):
 
 
 @runtime_checkable
-class Sink(BatchWriter, Protocol):
-    """A sink: takes batches from the shipper and answers the CLI's queries over them
-    (what :func:`~asgi_audit.sinks.open_sink` returns)."""
+class CheckpointStore(Protocol):
+    """Where a sink keeps the streams' checkpoints, beside their records.
+
+    Each stream (one writer process) chains its records by ``(stream, seq)`` and now and
+    then writes a checkpoint: a JSON object with at least ``"stream"`` (a non-empty
+    string), ``"index"`` (an integer from 1) and ``"at_ns"`` (an integer, wall time in ns).
+    The sink keeps it as an opaque object (what else it holds, signatures included, is the
+    checkpoint format's business) and gives back a dict equal to what was written, which
+    is what lets ``verify`` check a signature over it. A checkpoint without those keys, of
+    the wrong types, or that JSON cannot give back equal (a tuple, a key that is not a
+    string, NaN) is refused with :class:`~asgi_audit.errors.RecordRefused`, and nothing of
+    that call is stored (see :mod:`asgi_audit.sinks.checkpoint_rows`)."""
+
+    def write_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> None:
+        """Store checkpoints durably (returns only once durable, like write_batch);
+        idempotent by (stream, index): the first copy stays."""
+        ...
+
+    def checkpoints(self, stream: str | None = None) -> Iterator[dict[str, Any]]:
+        """Checkpoints (of one stream, or all), ordered by (stream, index)."""
+        ...
+
+
+@runtime_checkable
+class Sink(BatchWriter, CheckpointStore, Protocol):
+    """A sink: takes batches and checkpoints from the shipper and answers the CLI's
+    queries over them (what :func:`~asgi_audit.sinks.open_sink` returns)."""
 
     def search(self, query: Query) -> Iterator[StoredRecord]:
         """Records matching ``query``, ordered by start time (then id)."""

@@ -22,6 +22,8 @@ def matches(query: Query, record: StoredRecord) -> bool:
         return False
     if query.correlation_id is not None and record.correlation_id != query.correlation_id:
         return False
+    if query.stream is not None and record.stream != query.stream:
+        return False
     if query.status_low is None and query.status_high is None:
         return True
     # A status filter never matches an exchange that has no status (no response started).

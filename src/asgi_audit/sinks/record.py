@@ -31,6 +31,13 @@ class StoredBody:
     truncated: bool = False
     complete: bool = True
     sent_path: str | None = None
+    stored_sha256: str | None = None
+    """SHA-256 of the stored bytes (after redaction and truncation), as the writer
+    chained it; ``verify`` recomputes it from the bytes."""
+    redacted: list[str] = field(default_factory=list)
+    """What redaction replaced in the stored bytes: JSON paths or form fields, no values."""
+    unparseable: bool = False
+    """The body had redaction rules but did not parse: only a marker is stored."""
     packed: bytes | None = field(default=None, compare=False, repr=False)
     """The kept bytes as the spool packed them (zstd), which a sink keeps as they are.
     On the way to a sink that keeps packed bodies, ``data`` is None and only these are
@@ -81,11 +88,17 @@ class StoredRecord:
     response_headers: HeaderList = field(default_factory=list)
     response_trailers: HeaderList = field(default_factory=list)
     redacted_headers: list[str] = field(default_factory=list)
+    redacted_query: list[str] = field(default_factory=list)
     request_size: int = 0
     response_size: int = 0
     request_body: StoredBody | None = None
     response_body: StoredBody | None = None
     schema: int = SCHEMA_VERSION
+    chain: int | None = None
+    """The chain's version when the record is chained (None: written before chains)."""
+    chain_prev: str | None = None
+    """The digest of the stream's previous record (None for its first): see
+    :mod:`asgi_audit.recording.chain`."""
 
     @property
     def started_at(self) -> datetime:
@@ -125,6 +138,9 @@ class StoredRecord:
                     truncated=body["truncated"],
                     complete=body["complete"],
                     sent_path=body.get("sent_path"),
+                    stored_sha256=body.get("stored_sha256"),
+                    redacted=list(body.get("redacted") or []),
+                    unparseable=bool(body.get("unparseable", False)),
                 )
             )
         known = {item.name for item in dataclasses.fields(cls)}
@@ -141,6 +157,9 @@ def body_metadata(body: StoredBody) -> dict[str, Any]:
         "truncated": body.truncated,
         "complete": body.complete,
         "sent_path": body.sent_path,
+        "stored_sha256": body.stored_sha256,
+        "redacted": body.redacted,
+        "unparseable": body.unparseable,
     }
 
 

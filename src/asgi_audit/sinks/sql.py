@@ -7,7 +7,8 @@ becomes (and the checks that refuse a record no row can hold), the record a row 
 again, the WHERE clause of a :class:`Query`, keyset paging, and the layout version. What
 differs between the two databases is passed in as a :class:`Dialect` (placeholder style,
 what text the database can hold, partition pruning); DDL, connections and bulk loading
-stay with each sink.
+stay with each sink. What the two share for their ``checkpoints`` tables is in
+:mod:`.checkpoint_rows`.
 
 Bounded index columns. The copied columns hold values that came from the client
 (``X-Request-ID``, the path) or from configuration; PostgreSQL refuses a B-tree entry
@@ -326,6 +327,7 @@ def where(query: Query, dialect: Dialect) -> tuple[list[str], list[Any]]:
         ("route", query.route),
         ("method", query.method),
         ("correlation_id", query.correlation_id),
+        ("stream", query.stream),
     ):
         if text is None:
             continue

@@ -63,6 +63,16 @@ second failure, raises :class:`SinkError`, and the shipper backs off and retries
 Schema. A ``<table>_schema_version`` table records the layout version of ``<table>``;
 start-up creates or migrates the layout under an advisory lock (many pods start at once),
 and refuses a layout newer than this code knows.
+
+Checkpoints. The streams' checkpoints live in ``<table>_checkpoints`` (stream bounded like
+the records' column, ``idx``, ``at_ns``, and ``body``, the JSON text and the source of
+truth; primary key ``(stream, idx)``), written with ``ON CONFLICT DO NOTHING`` in one
+transaction per call (see :mod:`asgi_audit.sinks.checkpoint_rows`). It is not partitioned:
+retention drops days of records, and the checkpoints that vouch for the days kept must
+outlive it. A table added is a compatible change, so it does not change the layout
+version: writers create it when missing (in a layout of version 1 made before it existed,
+too) under the same advisory lock; readers, which never run DDL, read a missing one as no
+checkpoints.
 """
 
 from __future__ import annotations
@@ -70,7 +80,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any, TypeVar
@@ -83,7 +93,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..._urls import mask_in
 from ...errors import ConfigError, RecordRefused, SinkError
-from .. import refusal
+from .. import checkpoint_rows, refusal
 from .. import sql as shared
 from ..protocols import Query
 from ..record import StoredRecord
@@ -226,6 +236,7 @@ class PostgresSink:
         names = {
             "t": sql.Identifier(self.table),
             "version_table": sql.Identifier(f"{self.table}_schema_version"),
+            "checkpoints": sql.Identifier(f"{self.table}_checkpoints"),
         }
         self._names = names
         self._insert = sql.SQL(
@@ -234,6 +245,14 @@ class PostgresSink:
         ).format(columns=_COLUMN_LIST, staging=_STAGING, **names)
         self._copy = sql.SQL("COPY {staging} ({columns}) FROM STDIN (FORMAT BINARY)").format(
             staging=_STAGING, columns=_COLUMN_LIST
+        )
+        self._insert_checkpoint = sql.SQL(
+            "INSERT INTO {checkpoints} ({columns}) VALUES ({values})"
+            " ON CONFLICT (stream, idx) DO NOTHING"
+        ).format(
+            columns=sql.SQL(", ").join(map(sql.Identifier, checkpoint_rows.SQL_COLUMNS)),
+            values=sql.SQL(", ").join(sql.Placeholder() for _ in checkpoint_rows.SQL_COLUMNS),
+            **names,
         )
 
     def __repr__(self) -> str:
@@ -253,6 +272,43 @@ class PostgresSink:
         days = {record.started_at_ns // DAY_NS for record in first.values()}
         ids = list(first)
         self._run(f"batch of {len(rows)} not stored", lambda c: self._write(c, rows, days, ids))
+
+    def write_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> None:
+        self._check_open()
+        found = checkpoint_rows.checked(checkpoints, repr(self))
+        if not found:
+            return
+        rows = checkpoint_rows.sql_rows(found, _DIALECT)
+
+        def write(connection: Connection) -> None:
+            try:
+                with connection.transaction(), connection.cursor() as cursor:
+                    cursor.executemany(self._insert_checkpoint, rows)
+            except psycopg.Error as exc:
+                if refused_by_server(exc):
+                    state = f" [SQLSTATE {exc.sqlstate}]" if exc.sqlstate else ""
+                    raise RecordRefused(
+                        f"{self!r}: {len(rows)} checkpoints refused: "
+                        f"{refusal.short(self._reason(exc))}{state}"
+                    ) from exc
+                raise
+
+        self._run(f"{len(rows)} checkpoints not stored", write)
+
+    def checkpoints(self, stream: str | None = None) -> Iterator[dict[str, Any]]:
+        self._check_open()
+        where, params = checkpoint_rows.stream_where(stream, _DIALECT)
+        select = sql.SQL("SELECT stream, idx, body FROM {checkpoints}" + where).format(
+            **self._names
+        )
+
+        def read(connection: Connection) -> list[TupleRow]:
+            if not self._has_table(connection, f"{self.table}_checkpoints"):
+                return []  # a reader on a layout made before checkpoints existed
+            return connection.execute(select, params).fetchall()
+
+        rows = self._run("query failed", read)
+        return iter(checkpoint_rows.from_sql_rows(rows, stream, _DIALECT, repr(self)))
 
     def close(self) -> None:
         with self._lock:
@@ -396,6 +452,8 @@ class PostgresSink:
                         f"{self!r}: no asgi-audit table {self.table!r} in this database"
                     )
                 self._migrate(connection, version or 0)
+                if self._create:
+                    self._create_checkpoints(connection)
             self._days = {day for part in self._list_partitions(connection) for day in part.days}
             if self._create:
                 self._ensure_days(connection, set())
@@ -408,11 +466,12 @@ class PostgresSink:
             (f"asgi-audit:{self.table}@",),
         )
 
+    def _has_table(self, connection: Connection, name: str) -> bool:
+        exists = connection.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()
+        return bool(exists and exists[0])
+
     def _layout_version(self, connection: Connection) -> int | None:
-        exists = connection.execute(
-            "SELECT to_regclass(%s) IS NOT NULL", (f"{self.table}_schema_version",)
-        ).fetchone()
-        if not exists or not exists[0]:
+        if not self._has_table(connection, f"{self.table}_schema_version"):
             return None
         row = connection.execute(
             sql.SQL("SELECT max(version) FROM {version_table}").format(**self._names)
@@ -443,6 +502,14 @@ class PostgresSink:
                 sql.SQL("INSERT INTO {version_table} (version) VALUES (%s)").format(**self._names),
                 (target,),
             )
+
+    def _create_checkpoints(self, connection: Connection) -> None:
+        """The checkpoints table, when missing: a compatible addition to layout 1 (see the
+        module docstring), so it is created here rather than by a migration."""
+        if self._has_table(connection, f"{self.table}_checkpoints"):
+            return  # no DDL (nor its lock) when there is nothing to do
+        for statement in _CHECKPOINTS:
+            connection.execute(sql.SQL(statement).format(**self._names))
 
     # Partitions
 
@@ -573,6 +640,21 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 """Statements that bring the layout from the previous version to each version."""
+
+_CHECKPOINTS = (
+    # Not partitioned: retention drops days of records, never checkpoints. The key is
+    # the order readers want (the stream is bounded like the records' column).
+    """
+    CREATE TABLE IF NOT EXISTS {checkpoints} (
+        stream text COLLATE "C" NOT NULL,
+        idx bigint NOT NULL,
+        at_ns bigint NOT NULL,
+        body text NOT NULL,
+        PRIMARY KEY (stream, idx)
+    )
+    """,
+)
+"""Statements that create the checkpoints table (see the module docstring)."""
 
 
 def _configure(connection: Connection) -> None:

@@ -4,6 +4,7 @@ Layout (keys relative to ``<prefix>/``, which may be empty)::
 
     dt=YYYY-MM-DD/hour=HH/<stream>/<first-seq>-<last-seq>.aab
     index/dt=YYYY-MM-DD/hour=HH/<stream>/<first-seq>-<last-seq>.json.zst
+    checkpoints/<stream>/<index>.json
 
 Time comes first so that a time-range search lists only the ``dt=/hour=`` prefixes of its
 range, and a lifecycle rule can expire old days. The data object's date and hour are
@@ -27,6 +28,11 @@ correlation ids) are never part of a key.
 
 A re-delivered batch has the same stream and first/last sequence numbers, hence the same
 keys: that is what makes writes idempotent (see :mod:`.sink`).
+
+Checkpoints have no time in their keys: a lifecycle rule that expires old days of records
+must not take the checkpoints that vouch for the days kept. One object per checkpoint,
+its index zero-padded like sequence numbers, so that a stream's checkpoints list in order
+and a re-delivered one has the key of the first copy.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ DATA_SUFFIX = ".aab"
 """Data objects: "asgi-audit batch"."""
 INDEX_SUFFIX = ".json.zst"
 INDEX_DIR = "index"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_SUFFIX = ".json"
 SEGMENT_BYTES = 200
 """The longest stream segment of a key (under the 255 bytes a file-system store allows)."""
 PREFIX_BYTES = 256
@@ -54,6 +62,9 @@ _KEY_SAFE = frozenset(string.ascii_letters + string.digits + "_-.")
 _DAY = re.compile(r"dt=(\d{4})-(\d{2})-(\d{2})/$")
 _HOUR = re.compile(r"hour=(\d{2})/$")
 _EPOCH = date(1970, 1, 1)
+_CHECKPOINT_KEY = re.compile(
+    rf"{CHECKPOINT_DIR}/([^/]+)/(\d{{{SEQ_DIGITS},}}){re.escape(CHECKPOINT_SUFFIX)}"
+)
 
 
 def key_segment(text: str) -> str:
@@ -81,6 +92,37 @@ def stream_segment(stream: str) -> str:
     if tilde >= 0:  # never keep half of an escape
         cut = tilde
     return f"{segment[:cut]}~h{digest[:DIGEST_CHARS]}"
+
+
+def stream_segments(stream: str) -> frozenset[str]:
+    """The segments under which ``stream``'s objects may be: its bounded one, and its whole
+    escaped form, which keys written before segments were bounded hold."""
+    return frozenset({stream_segment(stream), key_segment(stream)})
+
+
+def segment_of(key: str) -> str:
+    """The stream segment of a data, index or checkpoint key (the folder it is in)."""
+    return key.rsplit("/", 2)[-2] if key.count("/") >= 2 else ""
+
+
+def checkpoint_key(stream: str, index: int) -> str:
+    """The object of one checkpoint (see the module docstring)."""
+    return f"{checkpoint_prefix(stream)}{index:0{SEQ_DIGITS}d}{CHECKPOINT_SUFFIX}"
+
+
+def checkpoint_prefix(stream: str | None = None) -> str:
+    """Where every checkpoint is, or (given ``stream``) that stream's: the trailing ``/``
+    keeps a stream from listing another whose segment its own begins."""
+    if stream is None:
+        return f"{CHECKPOINT_DIR}/"
+    return f"{CHECKPOINT_DIR}/{stream_segment(stream)}/"
+
+
+def checkpoint_listed(key: str) -> tuple[str, int] | None:
+    """(stream segment, index) of a listed checkpoint key (relative to the prefix), or
+    None for an object that is not one."""
+    match = _CHECKPOINT_KEY.fullmatch(key)
+    return None if match is None else (match.group(1), int(match.group(2)))
 
 
 def hour_path(hour: int) -> str:

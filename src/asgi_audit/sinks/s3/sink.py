@@ -27,9 +27,18 @@ names it), the one record when the object held one, else the batch without ids (
 shipper splits it). Keys themselves are bounded (:mod:`.keys`), so a long stream id no
 longer makes one.
 
+Checkpoints. One object per checkpoint, ``checkpoints/<stream>/<index>.json`` (see
+:mod:`.keys`), holding its JSON text as given (see :mod:`asgi_audit.sinks.checkpoint_rows`),
+written with the same create-only PUT as data (Object Lock retention included), so a
+re-delivered checkpoint finds its key taken and the first copy stays. Reads list the
+prefix (of one stream's segment, or all) and GET each object: a read of N checkpoints
+costs N GETs, fine for the few a stream writes. The stream is taken from the JSON, whole,
+so a bounded segment never mixes two streams.
+
 Costs: a write is 1 + (hours touched) PUTs. A search lists the hour prefixes of its range
 (directly for ranges up to :data:`DIRECT_HOURS`, else by discovering the days and hours that
-exist) and reads each listed index once per sink (an LRU cache; indexes never change).
+exist) and reads each listed index once per sink (an LRU cache; indexes never change);
+a search by stream reads only the indexes under that stream's segments.
 ``get`` looks first in the hour of the id's UUIDv7 time and the hour before (the id is made
 when the exchange ends), then in every hour. ``count`` reads every index.
 """
@@ -38,11 +47,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ...errors import ConfigError, CorruptRecord, RecordRefused, SinkError
-from .. import refusal
+from .. import checkpoint_rows, refusal
 from ..protocols import Query
 from ..query import matches, order_key
 from ..record import StoredBody, StoredRecord
@@ -59,6 +68,9 @@ from .index import (
 )
 from .keys import (
     INDEX_SUFFIX,
+    checkpoint_key,
+    checkpoint_listed,
+    checkpoint_prefix,
     data_key,
     day_listed,
     hour_listed,
@@ -67,6 +79,9 @@ from .keys import (
     index_hour_prefix,
     index_key,
     index_prefix,
+    segment_of,
+    stream_segment,
+    stream_segments,
 )
 from .url import S3Options
 
@@ -123,11 +138,7 @@ class S3Sink:
         self.client  # noqa: B018  (raises when closed, even for an empty batch)
         if not records:
             return
-        if not self._bucket.checked:
-            try:
-                self._bucket.check()
-            except ConfigError as exc:
-                raise SinkError(f"{self!r}: {exc.problem}") from exc
+        self._check_bucket()
         unique: dict[str, StoredRecord] = {}
         for record in records:
             unique.setdefault(record.id, record)
@@ -147,6 +158,45 @@ class S3Sink:
         # first and last seq) never holds records of another stream.
         for stream, group in by_stream.items():
             self._write_group(stream, group)
+
+    def _check_bucket(self) -> None:
+        """Check the bucket before the first write, if opening could not (an outage)."""
+        if not self._bucket.checked:
+            try:
+                self._bucket.check()
+            except ConfigError as exc:
+                raise SinkError(f"{self!r}: {exc.problem}") from exc
+
+    def write_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> None:
+        self.client  # noqa: B018  (raises when closed, even for no checkpoints)
+        found = checkpoint_rows.checked(checkpoints, repr(self))
+        if not found:
+            return
+        self._check_bucket()
+        for checkpoint in found:
+            body = checkpoint.text.encode("utf-8")
+            md5 = hashlib.md5(body, usedforsecurity=False).digest()
+            key = checkpoint_key(checkpoint.stream, checkpoint.index)
+            try:
+                # False: the key is taken by an earlier copy, which stays (write once).
+                self._bucket.put(self._root + key, body, md5, "application/json")
+            except ObjectRefused as exc:
+                which = checkpoint_rows.describe(checkpoint.value())
+                raise RecordRefused(f"{self!r}: {which} refused: {exc.detail}") from exc
+
+    def checkpoints(self, stream: str | None = None) -> Iterator[dict[str, Any]]:
+        self.client  # noqa: B018
+        found: list[checkpoint_rows.Checkpoint] = []
+        for key in self._bucket.keys(self._root + checkpoint_prefix(stream)):
+            listed = checkpoint_listed(key.removeprefix(self._root))
+            if listed is None:
+                continue  # not an object of this sink's: ignored, as in index folders
+            source = f"{self!r}: {key}"
+            checkpoint = checkpoint_rows.parse(self._bucket.get(key), source)
+            if (stream_segment(checkpoint.stream), checkpoint.index) != listed:
+                raise CorruptRecord(f"{source} holds the checkpoint of another stream or index")
+            found.append(checkpoint)
+        return iter(checkpoint_rows.ordered(found, stream))
 
     def _write_group(self, stream: str, records: list[StoredRecord]) -> None:
         try:
@@ -212,7 +262,7 @@ class S3Sink:
         for hour in self._hours(query.since_ns, query.until_ns, query.newest_first):
             found = [
                 (entry, record)
-                for entry in self._hour_entries(hour)
+                for entry in self._hour_entries(hour, query.stream)
                 if matches(query, record := entry.record())
             ]
             found.sort(key=lambda item: order_key(item[1]), reverse=query.newest_first)
@@ -288,12 +338,19 @@ class S3Sink:
                     records[position] = self._decode(entry, data, entry.offset - start)
         return [records[position] for position in range(len(entries))]
 
-    def _hour_entries(self, hour: int) -> list[IndexEntry]:
-        """Every record of one hour partition, first occurrence by key order per id."""
+    def _hour_entries(self, hour: int, stream: str | None = None) -> list[IndexEntry]:
+        """Every record of one hour partition (of ``stream``'s indexes only, when given:
+        a record is indexed under its own stream's segment), first occurrence by key
+        order per id."""
         listed = self._bucket.keys(self._root + index_hour_prefix(hour))
+        segments = None if stream is None else stream_segments(stream)
         seen: set[str] = set()
         entries: list[IndexEntry] = []
-        for key in sorted(key for key in listed if key.endswith(INDEX_SUFFIX)):
+        for key in sorted(
+            key
+            for key in listed
+            if key.endswith(INDEX_SUFFIX) and (segments is None or segment_of(key) in segments)
+        ):
             for entry in self._index(key):
                 if entry.id not in seen:
                     seen.add(entry.id)

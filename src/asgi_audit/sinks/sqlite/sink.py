@@ -22,6 +22,12 @@ Layout: the indexed columns copy what queries filter and sort on, bounded to 256
 body columns hold the stored bytes exactly, last in the row so that listings never read
 their overflow pages.
 
+Checkpoints: a ``checkpoints`` table beside ``records`` (stream bounded like the records'
+column, ``idx``, ``at_ns``, and ``body``, the JSON text and the source of truth), keyed
+``(stream, idx)``, written with ``INSERT OR IGNORE`` in one transaction per call (see
+:mod:`asgi_audit.sinks.checkpoint_rows`). A new table is a compatible change: it is
+created when missing, in files of layout version 1 as in new ones, so the version stays.
+
 Refusals: a record SQLite cannot hold (a value or row over ``SQLITE_LIMIT_LENGTH``, 1e9
 bytes by default; an integer outside 64 bits; an id too long to index) is refused by
 :func:`asgi_audit.sinks.sql.rows` before the transaction starts, naming it; what SQLite
@@ -43,13 +49,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...errors import ConfigError, SinkError
+from ...errors import ConfigError, RecordRefused, SinkError
 from ...recording.spool import fsync_directory
-from .. import refusal, sql
+from .. import checkpoint_rows, refusal, sql
 from ..files import create_private_file, ensure_directory
 from ..protocols import Query
 from ..record import StoredRecord
@@ -95,6 +101,16 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS records_correlation ON records (correlation_id)",
     "CREATE INDEX IF NOT EXISTS records_trace ON records (trace_id)",
     "CREATE INDEX IF NOT EXISTS records_stream ON records (stream, seq)",
+    # Checkpoints are read by stream in index order: the primary key is that order.
+    """
+    CREATE TABLE IF NOT EXISTS checkpoints (
+        stream TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        at_ns INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (stream, idx)
+    ) WITHOUT ROWID
+    """,
 )
 
 _REFUSED = (sqlite3.DataError, sqlite3.IntegrityError, OverflowError, UnicodeError)
@@ -105,6 +121,10 @@ now; checks before the transaction find all these first, this is for what they m
 _INSERT = (
     f"INSERT OR IGNORE INTO records ({', '.join(sql.ROW_COLUMNS)})"
     f" VALUES ({', '.join('?' for _ in sql.ROW_COLUMNS)})"
+)
+_INSERT_CHECKPOINT = (
+    f"INSERT OR IGNORE INTO checkpoints ({', '.join(checkpoint_rows.SQL_COLUMNS)})"
+    f" VALUES ({', '.join('?' for _ in checkpoint_rows.SQL_COLUMNS)})"
 )
 
 
@@ -148,6 +168,39 @@ class SqliteSink:
                 if inserting is not None and isinstance(exc, _REFUSED):
                     raise refusal.batch_refused(repr(self), [inserting], str(exc)) from exc
                 raise SinkError(f"{self!r}: batch of {len(rows)} not stored: {exc}") from exc
+
+    def write_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> None:
+        with self._lock:
+            self._open_connection()
+        found = checkpoint_rows.checked(checkpoints, repr(self))
+        if not found:
+            return
+        rows = checkpoint_rows.sql_rows(found, _DIALECT)
+        with self._lock:
+            connection = self._open_connection()
+            inserting: checkpoint_rows.Checkpoint | None = None
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                for checkpoint, values in zip(found, rows, strict=True):
+                    inserting = checkpoint
+                    connection.execute(_INSERT_CHECKPOINT, values)
+                inserting = None
+                connection.execute("COMMIT")
+            except (sqlite3.Error, OverflowError, UnicodeError) as exc:
+                if connection.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        connection.execute("ROLLBACK")
+                if inserting is not None and isinstance(exc, _REFUSED):
+                    which = checkpoint_rows.describe(inserting.value())
+                    raise RecordRefused(
+                        f"{self!r}: {which} refused: {refusal.short(str(exc))}"
+                    ) from exc
+                raise SinkError(f"{self!r}: {len(rows)} checkpoints not stored: {exc}") from exc
+
+    def checkpoints(self, stream: str | None = None) -> Iterator[dict[str, Any]]:
+        where, params = checkpoint_rows.stream_where(stream, _DIALECT)
+        rows = self._fetch(f"SELECT stream, idx, body FROM checkpoints{where}", params)
+        return iter(checkpoint_rows.from_sql_rows(rows, stream, _DIALECT, repr(self)))
 
     def search(self, query: Query) -> Iterator[StoredRecord]:
         self._open_connection()
