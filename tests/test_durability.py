@@ -13,7 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner, Result
 
+from asgi_audit.cli import main
 from asgi_audit.recording.frames import decode_payload
 from asgi_audit.recording.spool import streams
 from asgi_audit.sinks import Query, open_sink
@@ -44,6 +46,10 @@ def spooled_ids(spool: Path) -> set[str]:
     return set(spooled_ids_of(spool, "correlation_id"))
 
 
+def verify(sink: str, *extra: str) -> Result:
+    return CliRunner().invoke(main, ["verify", "--sink", sink, *extra])
+
+
 def settings(tmp_path: Path, **extra: str) -> tuple[str, Path, dict[str, str]]:
     sink = f"sqlite:///{tmp_path / 'audit.db'}"
     spool = tmp_path / "spool"
@@ -66,6 +72,9 @@ def test_sigterm_under_load_keeps_every_answered_exchange(tmp_path: Path) -> Non
     assert load.completed <= set(ids), f"lost {len(load.completed - set(ids))}"
     assert max(ids.values()) == 1
     assert not any(stream.segments() for stream in streams(spool))
+    verified = verify(sink, "--strict")  # a clean stop: its stream ends with a final checkpoint
+    assert verified.exit_code == 0, verified.output
+    assert "final checkpoint" in verified.output and "no final" not in verified.output
 
 
 def test_sigkill_in_batch_mode_loses_nothing_the_spool_took(tmp_path: Path) -> None:
@@ -114,6 +123,11 @@ def test_sigkill_in_blocking_mode_keeps_every_answered_exchange(tmp_path: Path) 
     with serving(environment(**{**env, "ASGI_AUDIT_SHIP": "process"})):
         assert wait_for(lambda: answered <= set(stored_ids(sink)), timeout=90)
     assert max(stored_ids(sink).values()) == 1
+    # Each killed process's stream ended without a final checkpoint: said, not failed.
+    verified = verify(sink)
+    assert verified.exit_code == 0, verified.output
+    assert verified.output.count("ended without a final checkpoint") >= KILL_RUNS
+    assert verify(sink, "--strict").exit_code == 1
 
 
 def test_sink_outage_is_absorbed_by_the_spool(tmp_path: Path) -> None:
