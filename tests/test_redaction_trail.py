@@ -81,5 +81,11 @@ def test_default_redaction_keeps_secrets_off_every_disk(tmp_path: Path) -> None:
     assert record["request_body_size"] == len(json.dumps(ORDER))  # as received
     assert "x-auth-token" in record["redacted_headers"]
 
+    shown = CliRunner().invoke(main, ["show", "--sink", sink, record["id"]])
+    assert shown.exit_code == 0, shown.output
+    assert "redacted: password, card.number, items[0].token" in shown.output
+    assert "?api_key" in shown.output and "x-auth-token" in shown.output
+    assert [secret for secret in SECRETS if secret.decode() in shown.output] == []
+
     verified = CliRunner().invoke(main, ["verify", "--sink", sink])
     assert verified.exit_code == 0, verified.output

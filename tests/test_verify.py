@@ -22,7 +22,7 @@ from asgi_audit.sinks import open_sink
 from postgres_server import admin_connection, fresh_table
 from postgres_server import store_url as postgres_store_url
 from seaweed import SeaweedServer
-from spooling import exchange
+from spooling import exchange, spooled
 
 STREAM = "billing.4242.1764556800000000000"
 
@@ -433,3 +433,39 @@ def test_keys_generate_writes_a_private_key_only_its_owner_reads(tmp_path: Path)
     again = CliRunner().invoke(main, arguments)
     assert again.exit_code == 1 and "exists; not overwritten" in again.output
     assert load_signer(str(private)).key_id == signer.key_id
+
+
+def test_an_idle_stream_keeps_checkpointing(tmp_path: Path, keys: tuple[bytes, Path]) -> None:
+    """Silence is provable: an idle stream still writes (empty) checkpoints."""
+    recorder = SpoolRecorder(
+        tmp_path / "spool",
+        stream=lambda: STREAM,
+        fsync="off",
+        interval=0.005,
+        signer=load_signer(keys[0]),
+        checkpoint_interval=0.03,
+    )
+    assert recorder.try_submit(exchange(b"only one", b"ok"))
+    assert recorder.flush(10)
+    time.sleep(0.3)
+    assert recorder.shutdown(10)
+    found = [r.meta["checkpoint"] for r in spooled(tmp_path / "spool", checkpoints=True)]
+    assert len(found) >= 5
+    assert [c["index"] for c in found] == list(range(1, len(found) + 1))
+    assert sum(c["count"] for c in found) == 1 and found[-1]["final"]
+    assert [c["count"] for c in found[2:-1]] == [0] * (len(found) - 3)
+
+
+def test_stream_and_window_choose_what_is_verified(
+    sqlite_trail: tuple[str, Path], keys: tuple[bytes, Path]
+) -> None:
+    url, _ = sqlite_trail
+    chosen = verify(url, keys[1], "--stream", STREAM)
+    assert chosen.exit_code == 0 and "1 streams, 0 failed" in chosen.output
+    other = verify(url, keys[1], "--stream", "nobody.1.2")
+    assert other.exit_code == 0 and "no records and no checkpoints" in other.output
+    later = verify(url, keys[1], "--since", "2200-01-01")
+    assert later.exit_code == 0 and "no records and no checkpoints" in later.output
+    beyond = verify(url, keys[1], "--since", "2999-01-01")
+    assert beyond.exit_code == 2 and "between 1970 and 2262" in beyond.output
+    assert verify(url, keys[1], "--since", "1h").exit_code == 0

@@ -93,6 +93,9 @@ def show(sink: str, record_id: str, raw: str | None) -> None:
     )
     if record.error:
         click.echo(f"error {printable(record.error)}")
+    redacted = [*record.redacted_headers, *(f"?{name}" for name in record.redacted_query)]
+    if redacted:
+        click.echo(f"redacted {printable(', '.join(redacted))}")
     sides: list[tuple[str, HeaderList, StoredBody | None]] = [
         ("request", record.request_headers, record.request_body),
         ("response", record.response_headers, record.response_body),
@@ -121,6 +124,9 @@ def _describe_body(body: StoredBody | None) -> str:
     head += ", truncated" if body.truncated else ""
     head += ", incomplete" if not body.complete else ""
     head += f", sent from {printable(body.sent_path)}" if body.sent_path else ""
+    if body.redacted:
+        head += f", redacted: {printable(', '.join(body.redacted))}"
+    head += ", unparseable: not kept (redaction rules applied)" if body.unparseable else ""
     head += ")"
     if body.data is None:
         return head

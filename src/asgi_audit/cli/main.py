@@ -98,7 +98,10 @@ class TimeParam(click.ParamType):  # type: ignore[type-arg]
             self.fail(f"expected ISO 8601 or an age like 15m, 2h, 7d (got {text!r})", param, ctx)
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-        return int(moment.timestamp() * 1e9)
+        ns = int(moment.timestamp() * 1e9)
+        if not 0 <= ns < 1 << 63:  # what the sinks' 64-bit times can hold
+            self.fail(f"expected a time between 1970 and 2262 (got {text!r})", param, ctx)
+        return ns
 
 
 class StatusParam(click.ParamType):  # type: ignore[type-arg]
