@@ -25,6 +25,7 @@ value's length and first character before any pattern.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -36,7 +37,14 @@ from typing import Any, Literal, TypeAlias
 import orjson
 
 from .redact import MARKER
-from .redact_query import form_marker, is_card_number, is_jwt, luhn, redact_pairs
+from .redact_query import (
+    CARD_FIRST_DIGITS,
+    form_marker,
+    is_card_number,
+    is_jwt,
+    luhn,
+    redact_pairs,
+)
 
 __all__ = [
     "DEFAULT_SECRET_FIELDS",
@@ -101,16 +109,51 @@ _JSON_START = re.compile(rb"[ \t\r\n]*[\[{]")
 _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_NUMBER = b"0" * 19
 """19 digits in a row: may be an integer beyond 64 bits, which orjson reads as a float."""
-_INT_CARD_MIN = 10**12
+_INT_CARD_MIN = 2 * 10**12
 _INT_CARD_END = 10**19
 _CANDIDATE_FIRST = frozenset("0123456789e")
-_DIGIT_RUNS = bytes.maketrans(
+_VALUE_SHAPES = bytes.maketrans(
     bytes(range(256)),
-    bytes(48 if 48 <= c <= 57 else 49 if c in (32, 45) else 50 for c in range(256)),
+    bytes(
+        48
+        if 48 <= c <= 57  # digits
+        else 113
+        if c in b'":,['  # what a whole value follows
+        else 50
+        for c in range(256)
+    ),
 )
-"""Digits to ``0``, space and hyphen to ``1``, the rest to ``2``: after ``01`` -> ``0`` a
-card number (single separators) is a run of at least 13 ``0``."""
+_SEPARATORS = b" -\t\r\n"
+"""Deleted before looking for digit runs: what may group a card's digits, or stand
+between a value and what it follows."""
 _CARD_RUN = b"0" * 13
+
+
+def _may_hold_card(body: bytes) -> bool:
+    """Whether a whole JSON value (a string, or an integer) could be a card number: 13
+    digits or more once spaces and hyphens are taken out, right after a quote, a colon,
+    a comma or a bracket. Digits inside a longer text, a float's fraction or a date
+    (8 digits) are not. One translation and one search, so that the usual body (no such
+    run) is never parsed for it."""
+    shapes = body.translate(_VALUE_SHAPES, _SEPARATORS)
+    return b"q" + _CARD_RUN in shapes or shapes.startswith(_CARD_RUN)
+
+
+_FOLD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
+_NAME_NEEDLES: tuple[bytes, ...] = (
+    *(b"passw", b"secret", b"token", b"apikey", b"authorization", b"privatekey"),
+    *(b'"cv', b'"pin"'),
+)
+"""What every default secret name contains once folded (lower case, ``_-.`` removed):
+``passw`` for password and passwd, ``token`` for access and refresh tokens, ``secret``
+for client secrets; the short names only as whole keys."""
+
+
+def _fold(key: str) -> bytes:
+    """A key as the prefilter compares it: UTF-8, ASCII lower case, without ``_-.``."""
+    return key.encode("utf-8").translate(_FOLD, b"_-.")
+
+
 """A string value is tested only if it starts with one of these (a card, ``eyJ``)."""
 
 
@@ -314,8 +357,15 @@ def _secret_scalar(value: Any) -> bool:
     if kind is str:
         return is_card_number(value) or is_jwt(value)
     if kind is int:
-        return _INT_CARD_MIN <= value < _INT_CARD_END and luhn(str(value))
+        return _INT_CARD_MIN <= value < _INT_CARD_END and _card_int(value)
     return False
+
+
+def _card_int(value: int) -> bool:
+    """An integer (13 to 19 digits) that is a card number: a card network's first digit
+    and the Luhn check."""
+    digits = str(value)
+    return digits[0] in CARD_FIRST_DIGITS and luhn(digits)
 
 
 def _format_path(path: _Path) -> str:
@@ -360,7 +410,6 @@ class BodyRedactor:
         "_form_names",
         "_json_marker",
         "_max_decoded",
-        "_name_needles",
         "_names",
         "_needles",
         "_patterns",
@@ -393,15 +442,8 @@ class BodyRedactor:
         self._fields = _Fields(patterns) if patterns else None
         self._always_walk = any(pattern[-1] in ("*", "**") for pattern in patterns)
         self._needles = tuple(
-            {pattern[-1].lower().encode("utf-8") for pattern in patterns} - {b"*", b"**"}
-        )
-        self._name_needles = (
-            tuple(
-                name.encode() if len(name) >= SUFFIX_MIN else b'"' + name.encode() + b'"'
-                for name in DEFAULT_SECRET_FIELDS
-            )
-            if defaults
-            else ()
+            {_fold(pattern[-1]) for pattern in patterns if pattern[-1] not in ("*", "**")}
+            | (set(_NAME_NEEDLES) if defaults else set())
         )
         self._defaults = defaults
         self._values = values
@@ -457,26 +499,18 @@ class BodyRedactor:
         (spelt any way the walk would take it), no run of 13 digits with single spaces
         or hyphens, no ``eyJ``, no ``fields`` key, and no ``\\u`` escape (which could
         spell any of them). Most bodies hold none, and this costs a few C passes over
-        the bytes (~2 ms per MB) where parsing and walking costs ~40: a JSON body is
-        parsed only when one of them is there. A malformed body without any of them is
+        the bytes (~8 ms per MB, with the GIL) where parsing and walking costs ~40: a
+        JSON body is parsed only when one of them is there. A malformed body without any of them is
         stored as it is: by these rules it holds no secret."""
         if b"\\u" in body or (self._values and b"eyJ" in body):
             return True
         if self._always_walk:
             return True
         if self._names or self._needles:
-            lowered = body.lower()
-            if any(needle in lowered for needle in self._needles):
+            folded = body.translate(_FOLD, b"_-.")
+            if any(needle in folded for needle in self._needles):
                 return True
-            if self._names:
-                folded = lowered.translate(None, b"_-.")
-                if any(needle in folded for needle in self._name_needles):
-                    return True
-        if self._values:
-            runs = body.translate(_DIGIT_RUNS).replace(b"01", b"0")
-            if _CARD_RUN in runs:
-                return True
-        return False
+        return self._values and _may_hold_card(body)
 
     def _unreadable(self) -> BodyRedaction | None:
         if self._unparseable == "keep":
@@ -494,6 +528,19 @@ class BodyRedactor:
         return BodyRedaction(data=_encode(redacted.encode("latin-1"), wbits), paths=_report(found))
 
     def _redact_json(self, body: bytes, wbits: int | None) -> BodyRedaction | None:
+        """:meth:`_parse_and_walk` with the cyclic garbage collector paused: a parsed
+        megabyte is thousands of new containers, enough to start full collections that
+        walk the app's whole heap with the GIL held (~50 ms each with FastAPI loaded),
+        and the document has no cycles (reference counting frees it)."""
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._parse_and_walk(body, wbits)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _parse_and_walk(self, body: bytes, wbits: int | None) -> BodyRedaction | None:
         stdlib = False
         try:
             document = orjson.loads(body)
@@ -587,7 +634,7 @@ class BodyRedactor:
                     kind is int
                     and values
                     and _INT_CARD_MIN <= value < _INT_CARD_END
-                    and luhn(str(value))
+                    and _card_int(value)
                 ):
                     node[key] = marker
                     hits.append((path, key))
