@@ -175,7 +175,8 @@ def test_retention_rejects_less_than_a_day(sink: PostgresSink) -> None:
 
 
 def test_retention_command(table: str, make: Records) -> None:
-    """`asgi-audit retention apply` drops old days and says which; bad input fails cleanly."""
+    """`asgi-audit retention apply` stores a marker of what goes, drops old days and says
+    which; bad input fails cleanly."""
     url = store_url(table)
     with contextlib.closing(open_sink(url)) as writer:
         writer.write_batch([days_ago(12, make), days_ago(1, make)])
@@ -183,6 +184,7 @@ def test_retention_command(table: str, make: Records) -> None:
     result = runner.invoke(main, ["retention", "apply", "--sink", url, "--keep-days", "7"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
+        "retention marker 1: 1 records of 1 stream(s) (unsigned: no signing key)",
         f"dropped {day_name(table, TODAY - 12)}",
         "1 partition(s) dropped; newer than 7 day(s) kept",
     ]
