@@ -166,7 +166,7 @@ class Body:
             if self._job.path is None:
                 yield from self._job.prefix
                 return
-            yield from _read_file(self._job.path)
+            yield from self._job.plain_blocks()  # spill files are encrypted
         elif self._file is not None:
             yield from _read_file(self._file)
         else:

@@ -17,6 +17,12 @@ process to spill into the same ``spill_dir`` afterwards removes every folder who
 can take. Their total size is capped by ``spill_limit``: a body that would pass it stops
 being stored (its ``over_limit`` policy says what remains) while its hash goes on. A write
 that fails (a full disk) costs only that body its stored bytes, never the exchange.
+
+Spill files are encrypted (AES-256-CTR, a key made per process and kept only in its
+memory, a random nonce per file): they hold bodies before the spool writer has redacted
+them, and secrets must reach no disk in clear. Nothing is lost by it: a spill file is
+only ever read by the process that wrote it (after a crash its folder is swept unread).
+AES with the CPU's instructions costs ~0.3 ms per MB.
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from .._forks import after_fork
 
@@ -324,9 +331,26 @@ def _forget_after_fork() -> None:
     _account = _Account()
     _warned.clear()
     counts.over_limit = counts.failed = counts.swept = 0
+    _keys.clear()  # the child makes its own
 
 
 after_fork(_forget_after_fork)
+
+_keys: list[bytes] = []
+_key_lock = threading.Lock()
+_READ_BLOCK = 4 << 20
+
+
+def _cipher(nonce: bytes) -> Any:
+    """AES-256-CTR under this process's spill key (made on first use, on the worker
+    thread), starting at ``nonce``."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    with _key_lock:
+        if not _keys:
+            _keys.append(os.urandom(32))
+        key = _keys[0]
+    return Cipher(algorithms.AES(key), modes.CTR(nonce))
 
 
 @atexit.register
@@ -377,12 +401,14 @@ class SpillJob:
 
     __slots__ = (
         "_body",
+        "_cipher",
         "_dir",
         "_error",
         "_fd",
         "_folder",
         "_hasher",
         "_held",
+        "_nonce",
         "_over_limit",
         "_spill_limit",
         "_stopped",
@@ -413,6 +439,8 @@ class SpillJob:
         self._spill_limit = spill_limit
         self.path: str | None = None
         self._fd = -1
+        self._nonce = b""
+        self._cipher: Any = None
         self._folder: _Folder | None = None
         self._held = 0
         self._stopped = False
@@ -505,11 +533,23 @@ class SpillJob:
             folder = _folder_for(self._dir)
             fd, path = tempfile.mkstemp(prefix=FILE_PREFIX, suffix=FILE_SUFFIX, dir=folder.path)
         self._fd, self.path, self._folder = fd, path, folder
+        self._nonce = os.urandom(16)
+        self._cipher = _cipher(self._nonce).encryptor()
         with _account.lock:
             folder.files += 1
         os.fchmod(fd, 0o600)  # mkstemp's 0600 went through the umask
 
+    def plain_blocks(self) -> Iterator[bytes]:
+        """The spill file's bytes as they were given (decrypted), in blocks."""
+        assert self.path is not None
+        decryptor = _cipher(self._nonce).decryptor()
+        with open(self.path, "rb") as handle:
+            while block := handle.read(_READ_BLOCK):
+                yield decryptor.update(block)
+
     def _writev(self, parts: list[bytes]) -> None:
+        update = self._cipher.update
+        parts = [update(part) for part in parts]
         for start in range(0, len(parts), _IOV_MAX):
             batch = parts[start : start + _IOV_MAX]
             expected = sum(len(p) for p in batch)
