@@ -183,8 +183,11 @@ class ShipperProcess:
             return True
         if process.stdin is not None:
             with contextlib.suppress(OSError):
-                if timeout is not None:  # the child's last pass gets what is left
-                    process.stdin.write(f"drain {max(0.0, timeout - 0.5):.3f}\n".encode())
+                if timeout is not None:  # the child's last pass gets what is left,
+                    # less a margin for its exit (an interpreter's teardown on a busy
+                    # machine takes a good part of a second)
+                    margin = max(1.0, timeout / 10)
+                    process.stdin.write(f"drain {max(0.0, timeout - margin):.3f}\n".encode())
                 process.stdin.close()
         try:
             process.wait(None if timeout is None else max(0.1, timeout))
