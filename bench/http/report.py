@@ -303,8 +303,8 @@ def saturation_bound_mib(body_size: int, concurrency: int = 8) -> float:
     return (queue + concurrency * 2 * body_size) / (1 << 20)
 
 
-def machine() -> str:
-    """What the figures depend on: CPU, cores, memory, versions."""
+def machine(stack: str = "uvicorn-standard") -> str:
+    """What the figures depend on: CPU, cores, memory, versions, the server stack."""
     cpu = platform.processor() or "?"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -315,11 +315,15 @@ def machine() -> str:
     with contextlib.suppress(OSError, ValueError, IndexError):
         kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
         memory = f"{kib / (1 << 20):.0f} GiB"
-    versions = ", ".join(
-        f"{name} {metadata.version(name)}" for name in ("fastapi", "starlette", "uvicorn")
-    )
-    parsers = [name for name in ("httptools", "uvloop") if find_spec(name) is not None]
-    http = f"uvicorn with {', '.join(parsers)}" if parsers else "uvicorn on h11 and asyncio"
+    names = ["fastapi", "starlette", "granian" if stack == "granian" else "uvicorn"]
+    if stack != "uvicorn-h11":
+        names += [name for name in ("uvloop", "httptools") if find_spec(name) is not None]
+    versions = ", ".join(f"{name} {metadata.version(name)}" for name in names)
+    http = {
+        "uvicorn-standard": "uvicorn[standard]: uvloop and httptools",
+        "uvicorn-h11": "uvicorn on h11 and asyncio",
+        "granian": "granian (ASGI, uvloop)",
+    }.get(stack, stack)
     return (
         f"{cpu}, {os.cpu_count()} cores, {memory} RAM; Python {platform.python_version()}, "
         f"{versions} ({http}); load from hey and wrk on the same cores, loopback"
@@ -336,9 +340,10 @@ def markdown(report: Report) -> str:
         else "recording limit: no baseline figure to compute it from"
     )
     lines = [
-        f"# HTTP benchmark ({time.strftime('%Y-%m-%d %H:%M %Z')})",
+        f"# HTTP benchmark on {getattr(args, 'server', 'uvicorn-standard')} "
+        f"({time.strftime('%Y-%m-%d %H:%M %Z')})",
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {machine(getattr(args, 'server', 'uvicorn-standard'))}.",
         "",
         f"Measured here: {report.costs.describe()}. So: {limit}.",
         "",

@@ -36,7 +36,7 @@ import httpx
 from bench.http.limit import measure, recording_limit
 from bench.http.load import Sample, hey, peak_rss_mib, stream, tree_cpu, wrk
 from bench.http.report import BASELINE, Report, Results, write_report
-from bench.http.server import Server, catch_up, serving, tracebacks
+from bench.http.server import DEFAULT_STACK, STACKS, Server, catch_up, serving, tracebacks
 from bench.postgres import postgres_reachable
 from bench.recording import order_json
 
@@ -259,6 +259,12 @@ def parse_arguments() -> argparse.Namespace:
         help="an asgi-audit setting for the audited variants, e.g. ship=off (repeatable)",
     )
     parser.add_argument("--no-big-stream", action="store_true", help="skip the 1 GiB stream")
+    parser.add_argument(
+        "--server",
+        choices=sorted(STACKS),
+        default=DEFAULT_STACK,
+        help="the server stack every variant runs on (default: %(default)s)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "http.md")
     args = parser.parse_args()
     try:
@@ -307,11 +313,13 @@ def main() -> None:
                 print(f"rep {repetition}/{args.repetitions}: {variant}", file=sys.stderr)
                 directory = scratch / f"{variant}-{repetition}"
                 try:
-                    with serving(variant, directory, args.postgres, args.settings) as server:
+                    with serving(
+                        variant, directory, args.postgres, args.settings, args.server
+                    ) as server:
                         run_variant(server, args, files, results)
                     if not args.no_big_stream:
                         with serving(
-                            variant, directory / "big", args.postgres, args.settings
+                            variant, directory / "big", args.postgres, args.settings, args.server
                         ) as server:
                             sample = big_stream(server, args)
                         results[big_label].setdefault(variant, []).append(sample)

@@ -1,8 +1,11 @@
-"""One variant of ``bench.http.apps`` served by uvicorn in a subprocess, and its store.
+"""One variant of ``bench.http.apps`` served in a subprocess, and its store.
 
-Each variant is a real uvicorn server (one worker, 127.0.0.1, a free port) in a process of
-its own, so that a recipe that eats memory or crashes cannot disturb the runner or the next
-variant; it is stopped by its PID (SIGTERM, then SIGKILL), never by name.
+Each variant is a real server (one worker, 127.0.0.1, a free port) in a process of its
+own, on one of the :data:`STACKS` production runs (uvicorn with uvloop and httptools,
+which ``uvicorn[standard]`` installs, is the default; uvicorn on h11 and asyncio, and
+granian, are there to compare), so that a recipe that eats memory or crashes cannot
+disturb the runner or the next variant; it is stopped by its PID (SIGTERM, then
+SIGKILL), never by name.
 """
 
 from __future__ import annotations
@@ -26,6 +29,25 @@ from bench.http.load import Sample
 from bench.postgres import drop_postgres_table
 
 ROOT = Path(__file__).resolve().parents[2]
+APP = "bench.http.apps:app"
+
+STACKS: dict[str, list[str]] = {
+    "uvicorn-standard": ["-m", "uvicorn", APP, "--loop", "uvloop", "--http", "httptools"],
+    "uvicorn-h11": ["-m", "uvicorn", APP, "--loop", "asyncio", "--http", "h11"],
+    "granian": ["-m", "granian", "--interface", "asgi", "--loop", "uvloop", APP],
+}
+"""How each server stack is started (host, port and one worker are added)."""
+DEFAULT_STACK = "uvicorn-standard"
+
+
+def stack_command(stack: str, port: int) -> list[str]:
+    """The command line serving the benchmark app on ``stack`` at 127.0.0.1:``port``."""
+    return [
+        sys.executable,
+        *STACKS[stack],
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+        *("--log-level", "warning", "--no-access-log"),
+    ]
 
 
 @dataclass
@@ -56,9 +78,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serving(
-    variant: str, scratch: Path, postgres: str, settings: dict[str, str] | None = None
+    variant: str,
+    scratch: Path,
+    postgres: str,
+    settings: dict[str, str] | None = None,
+    stack: str = DEFAULT_STACK,
 ) -> Iterator[Server]:
-    """Start ``variant`` under uvicorn, wait until it answers, stop it by PID at the end;
+    """Start ``variant`` on ``stack``, wait until it answers, stop it by PID at the end;
     ``settings`` are asgi-audit's ``ASGI_AUDIT_*`` variables (any others are removed)."""
     scratch.mkdir(parents=True)
     sink: str | None = None
@@ -80,8 +106,7 @@ def serving(
         environ["BENCH_HTTP_SINK"] = sink
     port = free_port()
     log = scratch / "server.log"
-    command = [sys.executable, "-m", "uvicorn", "bench.http.apps:app", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--workers", "1", "--log-level", "warning", "--no-access-log"]
+    command = stack_command(stack, port)
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT,
