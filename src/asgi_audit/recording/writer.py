@@ -90,6 +90,10 @@ from .spool import SegmentWriter, spool_bytes
 logger = logging.getLogger("asgi_audit.recorder")
 
 MAX_FRAME_BYTES = 16 << 20
+INLINE_HASH = 64 << 10
+"""Bodies smaller than this are hashed on the writer thread itself, not the hasher's."""
+PACK_IN_WRITER = 4 << 10
+"""Bodies smaller than this are left unpacked in the spool (the sink packs them)."""
 REDACT_LIMIT = 8 << 20
 """A body with redaction rules and more stored bytes than this is not parsed in the
 writer: it is stored as the unparseable marker (unless ``redact_unparseable="keep"``)."""
@@ -905,7 +909,9 @@ class SpoolRecorder:
         hasher = self._hasher
         assert hasher is not None  # made by the writer thread, the only caller
         found = body.known_sha256()
-        received = None if found or len(data) < packing.MIN_SIZE else hasher.submit(_sha256, data)
+        # Small bodies are hashed here: handing 1 kB to the hasher thread costs more (a
+        # queue, a wake-up, GIL hand-offs) than hashing it.
+        received = None if found or len(data) < INLINE_HASH else hasher.submit(_sha256, data)
         stored = data
         redaction = self._redact(data, headers)
         if redaction is not None:
@@ -913,9 +919,12 @@ class SpoolRecorder:
             entry.update(redacted=redaction.paths, unparseable=redaction.unparseable)
             self.bodies_redacted += 1
         own = redaction is not None or body.truncated  # stored differs from received
-        big = len(stored) >= packing.MIN_SIZE
+        big = len(stored) >= INLINE_HASH
         stored_digest = hasher.submit(_sha256, stored) if own and big else None
-        small = packing.pack(stored)
+        # Small bodies are not packed here: the shipper's process packs them for the sink
+        # (``kept_bytes``), off the app's GIL; a zstd frame for 1 kB would save the spool
+        # little and cost the writer a call per body.
+        small = packing.pack(stored) if len(stored) >= PACK_IN_WRITER else None
         digest = found or (received.result() if received is not None else _sha256(data))
         if found is None:
             entry["sha256"] = digest
