@@ -339,11 +339,11 @@ def markdown(report: Report) -> str:
         if report.limit is not None
         else "recording limit: no baseline figure to compute it from"
     )
+    stack = getattr(args, "server", "uvicorn-standard")
     lines = [
-        f"# HTTP benchmark on {getattr(args, 'server', 'uvicorn-standard')} "
-        f"({time.strftime('%Y-%m-%d %H:%M %Z')})",
+        f"# HTTP benchmark on {stack} ({time.strftime('%Y-%m-%d %H:%M %Z')})",
         "",
-        f"Machine: {machine(getattr(args, 'server', 'uvicorn-standard'))}.",
+        f"Machine: {machine(stack)}.",
         "",
         f"Measured here: {report.costs.describe()}. So: {limit}.",
         "",
@@ -352,23 +352,23 @@ def markdown(report: Report) -> str:
         f"(min to max); ratios to baseline from the same repetition; {report.elapsed:.0f} s "
         "in all. Reproduce: `bench/run` (or `python -m bench.http`).",
         "",
-        "## Targets",
+        f"## Targets on {stack}",
         "",
         *targets(report),
         "",
-        "## Response time at a steady rate (open loop, hey -q)",
+        f"## Response time at a steady rate (open loop, hey -q) on {stack}",
         "",
         *open_table(report),
         "",
-        "## Closed loop (hey -c for the 1 MB echoes, wrk -c for small requests)",
+        f"## Closed loop (hey -c for the 1 MB echoes, wrk -c for small requests) on {stack}",
         "",
         *closed_table(report),
         "",
-        "## Streamed response",
+        f"## Streamed response on {stack}",
         "",
         *stream_table(report, stream_label),
         "",
-        "## Memory",
+        f"## Memory on {stack}",
         "",
         *memory_table(report, big),
         "",
