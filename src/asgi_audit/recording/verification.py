@@ -38,6 +38,7 @@ from .chain import (
     RETENTION_TYPE,
     checkpoint_digest,
     record_digest,
+    seq_ranges,
     signed_content,
 )
 from .signing import Verifier
@@ -123,18 +124,7 @@ class StreamReport:
 
 def ranges(seqs: Iterable[int]) -> str:
     """``1-3, 7`` for [1, 2, 3, 7] (at most MAX_LISTED ranges, then a count)."""
-    ordered = sorted(set(seqs))
-    parts: list[str] = []
-    start = end = None
-    for seq in ordered:
-        if end is not None and seq == end + 1:
-            end = seq
-            continue
-        if start is not None:
-            parts.append(f"{start}" if start == end else f"{start}-{end}")
-        start = end = seq
-    if start is not None:
-        parts.append(f"{start}" if start == end else f"{start}-{end}")
+    parts = [f"{low}" if low == high else f"{low}-{high}" for low, high in seq_ranges(seqs)]
     if len(parts) > MAX_LISTED:
         return ", ".join(parts[:MAX_LISTED]) + f", … ({len(parts) - MAX_LISTED} more ranges)"
     return ", ".join(parts)
@@ -198,23 +188,13 @@ def _checkpoints(
 ) -> _Marks:
     report = verdict.report
     marks = _Marks()
-    by_index: dict[int, Mapping[str, Any]] = {}
-    for checkpoint in found:
-        index = checkpoint.get("index")
-        if checkpoint.get("type") != CHECKPOINT_TYPE or not isinstance(index, int):
-            verdict.problem("checkpoint-invalid", "a checkpoint of an unknown form")
-            continue
-        by_index.setdefault(index, checkpoint)
+    by_index = _indexed(found, CHECKPOINT_TYPE, verdict, "checkpoint", "checkpoint")
     report.checkpoints = len(by_index)
     if not by_index:
         return marks
     marks.any = True
     unsigned: list[int] = []
     unchecked = 0
-    last = max(by_index)
-    missing = [index for index in range(1, last + 1) if index not in by_index]
-    if missing:
-        verdict.problem("checkpoint-missing", f"checkpoints {ranges(missing)} are missing")
     previous: Mapping[str, Any] | None = None
     for index in sorted(by_index):
         checkpoint = by_index[index]
@@ -243,9 +223,7 @@ def _checkpoints(
         if last_seq >= 1 and isinstance(head, str):
             marks.heads[last_seq] = head
         marks.covered = max(marks.covered, last_seq)
-        for lost in checkpoint.get("lost") or []:
-            if isinstance(lost, list) and len(lost) == 2:
-                marks.lost.update(range(_int(lost[0]), _int(lost[1]) + 1))
+        marks.lost.update(_expanded(checkpoint.get("lost")))
         marks.lost_more += _int(checkpoint.get("lost_more"))
         marks.final = marks.final or checkpoint.get("final") is True
         previous = checkpoint
@@ -291,19 +269,8 @@ def retention_removals(
     report = StreamReport(RETENTION_STREAM)
     verdict = _Verdict(report)
     removed: dict[str, set[int]] = {}
-    by_index: dict[int, Mapping[str, Any]] = {}
-    for marker in markers:
-        index = marker.get("index")
-        if marker.get("type") != RETENTION_TYPE or not isinstance(index, int):
-            verdict.problem("retention-marker-invalid", "a retention marker of an unknown form")
-            continue
-        by_index.setdefault(index, marker)
+    by_index = _indexed(markers, RETENTION_TYPE, verdict, "retention-marker", "retention marker")
     report.checkpoints = len(by_index)
-    missing = [i for i in range(1, max(by_index, default=0) + 1) if i not in by_index]
-    if missing:
-        verdict.problem(
-            "retention-marker-missing", f"retention markers {ranges(missing)} are missing"
-        )
     unsigned = 0
     for index in sorted(by_index):
         marker = by_index[index]
@@ -321,13 +288,37 @@ def retention_removals(
         unsigned += found == "unsigned"
         report.signed += found == "good"
         for stream, spans in dict(marker.get("removed") or {}).items():
-            seqs = removed.setdefault(str(stream), set())
-            for span in spans:
-                if isinstance(span, list) and len(span) == 2:
-                    seqs.update(range(_int(span[0]), _int(span[1]) + 1))
+            removed.setdefault(str(stream), set()).update(_expanded(spans))
     if unsigned:
         verdict.note("unsigned", f"{unsigned} retention markers are not signed")
     return report, removed
+
+
+def _indexed(
+    found: Iterable[Mapping[str, Any]], kind: str, verdict: _Verdict, problem: str, noun: str
+) -> dict[int, Mapping[str, Any]]:
+    """Checkpoints (or retention markers) of ``kind`` by index, the first copy of each;
+    one of another form, and indexes missing below the highest, are problems."""
+    by_index: dict[int, Mapping[str, Any]] = {}
+    for item in found:
+        index = item.get("index")
+        if item.get("type") != kind or not isinstance(index, int):
+            verdict.problem(f"{problem}-invalid", f"a {noun} of an unknown form")
+            continue
+        by_index.setdefault(index, item)
+    missing = [i for i in range(1, max(by_index, default=0) + 1) if i not in by_index]
+    if missing:
+        verdict.problem(f"{problem}-missing", f"{noun}s {ranges(missing)} are missing")
+    return by_index
+
+
+def _expanded(spans: Any) -> set[int]:
+    """The sequence numbers of ``[[first, last], ...]`` (as :func:`seq_ranges` makes)."""
+    seqs: set[int] = set()
+    for span in spans or []:
+        if isinstance(span, list) and len(span) == 2:
+            seqs.update(range(_int(span[0]), _int(span[1]) + 1))
+    return seqs
 
 
 def _choose(
