@@ -53,6 +53,7 @@ __all__ = [
     "UNPARSEABLE",
     "BodyRedaction",
     "BodyRedactor",
+    "body_kind",
 ]
 
 DEFAULT_SECRET_FIELDS = (
@@ -266,7 +267,9 @@ class _Fields:
         return result, matched
 
 
-def _kind(content_type: str | None) -> Kind | None:
+def body_kind(content_type: str | None) -> Kind | None:
+    """Which rules a body sent with ``content_type`` has: ``json``, ``form``, ``sniff``
+    (no type: JSON if it starts like JSON) or None (none: stored as it is)."""
     if content_type is None:
         return "sniff"
     media = content_type.split(";", 1)[0].strip().lower()
@@ -470,7 +473,7 @@ class BodyRedactor:
         (nothing secret found, or a body type without rules)."""
         if not data:
             return None
-        kind = _kind(content_type)
+        kind = body_kind(content_type)
         if kind is None or not (self._names or self._fields or self._values):
             return None
         try:

@@ -82,7 +82,7 @@ from .frames import (
 from .handoff import RoomSignal, memory_weight
 from .metadata import exchange_metadata
 from .redact import Step, header_redactor, query_redactor, run_pipeline
-from .redact_body import UNPARSEABLE, BodyRedaction, BodyRedactor
+from .redact_body import UNPARSEABLE, BodyRedaction, BodyRedactor, body_kind
 from .redact_query import QueryRedactor
 from .signing import Signer
 from .spool import SegmentWriter, spool_bytes
@@ -1195,10 +1195,9 @@ def _content_headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, st
 def _has_rules(body: Body, name: str, headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether a body sent with ``headers`` has redaction rules (JSON or a form; one
     without a type that starts like JSON)."""
-    content_type, _ = _content_headers(headers)
-    if content_type is not None:
-        kind = content_type.split(";", 1)[0].strip().lower()
-        return kind.endswith(("/json", "+json")) or kind == "application/x-www-form-urlencoded"
+    kind = body_kind(_content_headers(headers)[0])
+    if kind != "sniff":
+        return kind is not None
     for chunk in _read_body(body, name):
         start = chunk.lstrip()
         if start:
