@@ -113,6 +113,33 @@ _SCHEMA = (
     """,
 )
 
+
+class _NotInserted(Exception):
+    """A transaction of :func:`_insert_all` failed (and was rolled back); ``at`` is the
+    index of the row being inserted, None when it was BEGIN or COMMIT."""
+
+    def __init__(self, at: int | None, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.at = at
+        self.cause = cause
+
+
+def _insert_all(connection: sqlite3.Connection, statement: str, rows: Sequence[Any]) -> None:
+    """Every row or none, in one transaction: what both records and checkpoints need."""
+    at: int | None = None
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        for at, values in enumerate(rows):  # noqa: B007 (``at`` names the row at fault)
+            connection.execute(statement, values)
+        at = None
+        connection.execute("COMMIT")
+    except (sqlite3.Error, OverflowError, UnicodeError) as exc:
+        if connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+        raise _NotInserted(at, exc) from exc
+
+
 _REFUSED = (sqlite3.DataError, sqlite3.IntegrityError, OverflowError, UnicodeError)
 """What inserting one row raises when SQLite cannot take what it holds (too big, out of
 range, not encodable, a constraint other than the primary key) rather than cannot write
@@ -152,21 +179,13 @@ class SqliteSink:
         # The CPU work (JSON, zstd, checks) is done before the lock is taken.
         rows = sql.rows(records, _DIALECT, sql.Limits(limit, limit), repr(self))
         with self._lock:
-            connection = self._open_connection()
-            inserting: str | None = None
             try:
-                connection.execute("BEGIN IMMEDIATE")
-                for record, values in zip(records, rows, strict=True):
-                    inserting = record.id
-                    connection.execute(_INSERT, values)
-                inserting = None
-                connection.execute("COMMIT")
-            except (sqlite3.Error, OverflowError, UnicodeError) as exc:
-                if connection.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        connection.execute("ROLLBACK")
-                if inserting is not None and isinstance(exc, _REFUSED):
-                    raise refusal.batch_refused(repr(self), [inserting], str(exc)) from exc
+                _insert_all(self._open_connection(), _INSERT, rows)
+            except _NotInserted as failed:
+                exc = failed.cause
+                if failed.at is not None and isinstance(exc, _REFUSED):
+                    at_fault = [records[failed.at].id]
+                    raise refusal.batch_refused(repr(self), at_fault, str(exc)) from exc
                 raise SinkError(f"{self!r}: batch of {len(rows)} not stored: {exc}") from exc
 
     def write_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> None:
@@ -177,21 +196,12 @@ class SqliteSink:
             return
         rows = checkpoint_rows.sql_rows(found, _DIALECT)
         with self._lock:
-            connection = self._open_connection()
-            inserting: checkpoint_rows.Checkpoint | None = None
             try:
-                connection.execute("BEGIN IMMEDIATE")
-                for checkpoint, values in zip(found, rows, strict=True):
-                    inserting = checkpoint
-                    connection.execute(_INSERT_CHECKPOINT, values)
-                inserting = None
-                connection.execute("COMMIT")
-            except (sqlite3.Error, OverflowError, UnicodeError) as exc:
-                if connection.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        connection.execute("ROLLBACK")
-                if inserting is not None and isinstance(exc, _REFUSED):
-                    which = checkpoint_rows.describe(inserting.value())
+                _insert_all(self._open_connection(), _INSERT_CHECKPOINT, rows)
+            except _NotInserted as failed:
+                exc = failed.cause
+                if failed.at is not None and isinstance(exc, _REFUSED):
+                    which = checkpoint_rows.describe(found[failed.at].value())
                     raise RecordRefused(
                         f"{self!r}: {which} refused: {refusal.short(str(exc))}"
                     ) from exc
