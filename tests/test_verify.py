@@ -17,7 +17,7 @@ from asgi_audit.cli import main
 from asgi_audit.recording.chain import retention_marker
 from asgi_audit.recording.signing import generate, load_signer
 from asgi_audit.recording.writer import SpoolRecorder
-from asgi_audit.shipping.shipper import Shipper
+from asgi_audit.shipping.shipper import Shipper, ShipReport
 from asgi_audit.sinks import open_sink
 from postgres_server import admin_connection, fresh_table
 from postgres_server import store_url as postgres_store_url
@@ -41,15 +41,7 @@ def record_trail(
 ) -> None:
     """``count`` exchanges through a real SpoolRecorder (a checkpoint at the start, some on
     the way, a final one at shutdown unless ``final`` is False: a crash), then shipped."""
-    recorder = SpoolRecorder(
-        spool,
-        service="billing",
-        stream=lambda: STREAM,
-        fsync="off",
-        interval=0.005,
-        signer=None if private is None else load_signer(private),
-        checkpoint_interval=0.02,
-    )
+    recorder = trail_recorder(spool, private)
     for n in range(count):
         request = f"invoice {n:03} ".encode() * 6  # not JSON, under 256 bytes: kept as is
         assert recorder.try_submit(exchange(request, f"ok {n}".encode()))
@@ -60,15 +52,35 @@ def record_trail(
         assert recorder.shutdown(10)
     else:
         assert recorder.flush(10)
-    sink = open_sink(url)
-    try:
-        report = Shipper(spool, sink).ship_once(timeout=30)
-    finally:
-        sink.close()
+    report = ship(spool, url)
     assert report.delivered == count
     assert report.checkpoints >= 3
     if not final:
         recorder.shutdown(10)  # after shipping: the final checkpoint never reaches the store
+
+
+def trail_recorder(
+    spool: Path, private: bytes | None, *, checkpoint_interval: float = 0.02
+) -> SpoolRecorder:
+    """A writer of the stream STREAM that checkpoints often (signed with ``private``)."""
+    return SpoolRecorder(
+        spool,
+        service="billing",
+        stream=lambda: STREAM,
+        fsync="off",
+        interval=0.005,
+        signer=None if private is None else load_signer(private),
+        checkpoint_interval=checkpoint_interval,
+    )
+
+
+def ship(spool: Path, url: str) -> ShipReport:
+    """Deliver the spool to the store at ``url`` once."""
+    sink = open_sink(url)
+    try:
+        return Shipper(spool, sink).ship_once(timeout=30)
+    finally:
+        sink.close()
 
 
 def verify(url: str, public: Path | None, *extra: str) -> Result:
@@ -235,11 +247,7 @@ def test_restarts_make_streams_that_each_verify(tmp_path: Path, keys: tuple[byte
         for n in range(3):
             assert recorder.try_submit(exchange(f"run {run} n {n}".encode(), b"ok"))
         assert recorder.shutdown(10)
-    sink = open_sink(url)
-    try:
-        Shipper(tmp_path / "spool", sink).ship_once(timeout=30)
-    finally:
-        sink.close()
+    ship(tmp_path / "spool", url)
     result = verify(url, keys[1])
     assert result.exit_code == 0, result.output
     assert "2 streams, 0 failed" in result.output
@@ -361,15 +369,7 @@ def test_verify_passes_after_retention_apply_and_a_forged_marker_fails(
     spool = tmp_path / "spool"
     with fresh_table() as table:
         url = postgres_store_url(table)
-        recorder = SpoolRecorder(
-            spool,
-            service="billing",
-            stream=lambda: STREAM,
-            fsync="off",
-            interval=0.005,
-            signer=load_signer(keys[0]),
-            checkpoint_interval=0.02,
-        )
+        recorder = trail_recorder(spool, keys[0])
         ten_days_ago = time.time_ns() - 10 * 86_400 * 10**9
         for n in range(8):
             made = exchange(f"order {n}".encode(), b"ok")
@@ -380,11 +380,7 @@ def test_verify_passes_after_retention_apply_and_a_forged_marker_fails(
                 assert recorder.flush(10)
                 time.sleep(0.05)
         assert recorder.shutdown(10)
-        sink = open_sink(url)
-        try:
-            Shipper(spool, sink).ship_once(timeout=30)
-        finally:
-            sink.close()
+        ship(spool, url)
         assert verify(url, keys[1]).exit_code == 0
 
         applied = CliRunner().invoke(
@@ -437,14 +433,7 @@ def test_keys_generate_writes_a_private_key_only_its_owner_reads(tmp_path: Path)
 
 def test_an_idle_stream_keeps_checkpointing(tmp_path: Path, keys: tuple[bytes, Path]) -> None:
     """Silence is provable: an idle stream still writes (empty) checkpoints."""
-    recorder = SpoolRecorder(
-        tmp_path / "spool",
-        stream=lambda: STREAM,
-        fsync="off",
-        interval=0.005,
-        signer=load_signer(keys[0]),
-        checkpoint_interval=0.03,
-    )
+    recorder = trail_recorder(tmp_path / "spool", keys[0], checkpoint_interval=0.03)
     assert recorder.try_submit(exchange(b"only one", b"ok"))
     assert recorder.flush(10)
     time.sleep(0.3)
