@@ -12,9 +12,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asgi_audit.recording.chain import StreamChain, checkpoint_digest, record_digest
+from asgi_audit.recording.chain import (
+    StreamChain,
+    _is_own_form,
+    canonical,
+    checkpoint_digest,
+    record_digest,
+    record_form,
+)
+from asgi_audit.recording.metadata import exchange_metadata
 from asgi_audit.recording.signing import Signer, generate, load_signer, load_verifier
 from asgi_audit.recording.verification import StreamReport, summarize, verify_stream
+from spooling import exchange
 
 STREAM = "orders.7.1764556800000000000"
 
@@ -334,3 +343,27 @@ def test_signing_keys_never_show_and_bad_keys_fail_clearly(tmp_path: Any) -> Non
     with pytest.raises(ConfigError) as hidden:
         load_signer("c2VjcmV0LWtleS1ieXRlcw==")
     assert "c2VjcmV0" not in str(hidden.value)
+
+
+def _slow_digest(meta: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(record_form(meta))).hexdigest()
+
+
+def test_the_writers_metadata_is_hashed_as_it_is_and_alike() -> None:
+    """The writer's metadata is its own canonical form: hashed without building the
+    form again, to the same digest; anything else goes through the form."""
+    meta = exchange_metadata(exchange(b'{"a": 1}', b"ok"))
+    meta.update(seq=1, chain=1, chain_prev=None)
+    assert _is_own_form(meta)
+    assert record_digest(meta) == _slow_digest(meta)
+    for change in (
+        lambda m: m.update(packed=["request"]),  # a key the form leaves out
+        lambda m: m.pop("pod"),  # a field missing: null in the form
+        lambda m: m.update(redacted_headers=("authorization",)),  # a tuple: a list there
+        lambda m: m["request_body"].update(skipped=True),
+        lambda m: m["response_body"].update(unparseable=0),
+    ):
+        other = copy.deepcopy(meta)
+        change(other)
+        assert not _is_own_form(other)
+        assert record_digest(other) == _slow_digest(other)

@@ -458,7 +458,6 @@ def test_a_body_whose_spill_failed_costs_only_its_own_bytes(
         "sha256": None,
         "stored": False,
         "truncated": False,
-        "skipped": True,
         "complete": True,
         "sent_path": None,
         "stored_sha256": None,

@@ -24,6 +24,7 @@ from asgi_audit.recording.writer import SpoolRecorder
 from harness import EchoApp, call
 from spooling import (
     SECRET_REQUEST_HEADERS,
+    exchange,
     frame_count,
     spooled,
     threads_named,
@@ -273,6 +274,47 @@ def test_overflow_block_waits_without_blocking_the_loop(
     assert recorder.flush(timeout=30)
     assert sorted(r.request for r in spooled(tmp_path / "spool")) == sorted(answers)
     assert mw.dropped == 0 and mw.failures == 0
+
+
+def test_a_full_queue_is_taken_in_turns_so_a_held_response_waits_for_one(
+    tmp_path: Path, recorders: list[SpoolRecorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """overflow=block at saturation: the writer takes at most TAKE_RECORDS a turn and
+    makes room after each, so a held response waits for one turn's work, not for the
+    whole queue to be written."""
+    recorder = make(recorders, tmp_path / "spool", max_records=1000, batch_records=1, interval=60.0)
+    gate = threading.Event()
+    sizes: list[int] = []
+    original = SpoolRecorder._record
+
+    def slow(self: SpoolRecorder, batch: list[Any]) -> None:
+        gate.wait(30)
+        sizes.append(len(batch))
+        time.sleep(0.05)  # a slow disk: each turn takes a while
+        original(self, batch)
+
+    monkeypatch.setattr(SpoolRecorder, "_record", slow)
+
+    async def held() -> int:
+        gate.set()
+        await asyncio.wait_for(recorder.room(), 10)
+        return recorder.queued
+
+    try:
+        assert recorder.try_submit(exchange(b"first"))
+        assert wait_until(lambda: recorder.queued == 0)  # the writer holds it, stalled
+        for index in range(1000):
+            assert recorder.try_submit(exchange(b"%d" % index))
+        assert not recorder.try_submit(exchange(b"one too many"))
+        queued_when_admitted = asyncio.run(held())
+    finally:
+        gate.set()
+    assert queued_when_admitted >= 1000 - 2 * spool_recorder.TAKE_RECORDS
+    assert recorder.try_submit(exchange(b"admitted"))
+    assert recorder.flush(timeout=60)
+    assert max(sizes) <= spool_recorder.TAKE_RECORDS
+    assert sum(sizes) == 1002
+    assert len(spooled(tmp_path / "spool")) == 1002
 
 
 def test_batch_policy_puts_many_records_in_one_frame(

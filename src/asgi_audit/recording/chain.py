@@ -90,7 +90,10 @@ BODY_FIELDS = (
 """A body's part: ``stored_sha256`` is the SHA-256 of the stored bytes (after redaction and
 truncation), which a verifier computes from the bytes, never reads from the record."""
 
-_LIST_FIELDS = frozenset({"redacted_headers", "redacted_query"})
+_LIST_FIELDS = ("redacted_headers", "redacted_query")
+_BODY_NAMES = ("request_body", "response_body")
+_RECORD_KEYS = frozenset(RECORD_FIELDS)
+_BODY_KEYS = frozenset(BODY_FIELDS)
 
 
 def canonical(value: object) -> bytes:
@@ -100,23 +103,47 @@ def canonical(value: object) -> bytes:
 
 def record_form(meta: Mapping[str, Any]) -> dict[str, Any]:
     """The canonical fields of a record given as its metadata (the spool's, or a sink's
-    ``StoredRecord.metadata()`` with each body's ``stored_sha256`` computed)."""
-    form: dict[str, Any] = {}
-    for name in RECORD_FIELDS:
-        value = meta.get(name)
-        if name in _LIST_FIELDS:
-            value = list(value or [])
-        elif name in ("request_body", "response_body") and value is not None:
-            value = {key: value.get(key) for key in BODY_FIELDS}
-            value["redacted"] = list(value["redacted"] or [])
-            value["unparseable"] = bool(value["unparseable"])
-        form[name] = value
+    ``StoredRecord.metadata()`` with each body's ``stored_sha256`` computed). The writer
+    builds one per record, on the thread beside the event loop: few Python steps."""
+    get = meta.get
+    form = {name: get(name) for name in RECORD_FIELDS}
+    for name in _LIST_FIELDS:
+        form[name] = list(form[name] or [])
+    for name in _BODY_NAMES:
+        value = form[name]
+        if value is not None:
+            body = {key: value.get(key) for key in BODY_FIELDS}
+            body["redacted"] = list(body["redacted"] or [])
+            body["unparseable"] = bool(body["unparseable"])
+            form[name] = body
     return form
 
 
 def record_digest(meta: Mapping[str, Any]) -> str:
     """Lowercase hex SHA-256 of the record's canonical form."""
-    return hashlib.sha256(canonical(record_form(meta))).hexdigest()
+    form = meta if _is_own_form(meta) else record_form(meta)
+    return hashlib.sha256(canonical(form)).hexdigest()
+
+
+def _is_own_form(meta: Mapping[str, Any]) -> bool:
+    """Whether ``meta`` is already its canonical form (what :func:`record_form` would make
+    of it is equal to it): exactly the fields, each body's too, with the lists and the
+    flag as the form has them. The writer's metadata is, which spares it building a
+    second dictionary per record on the thread beside the event loop."""
+    if meta.keys() != _RECORD_KEYS:
+        return False
+    if any(type(meta[name]) is not list for name in _LIST_FIELDS):
+        return False
+    for name in _BODY_NAMES:
+        body = meta[name]
+        if body is not None and (
+            type(body) is not dict
+            or body.keys() != _BODY_KEYS
+            or type(body["redacted"]) is not list
+            or type(body["unparseable"]) is not bool
+        ):
+            return False
+    return True
 
 
 def checkpoint_digest(checkpoint: Mapping[str, Any]) -> str:

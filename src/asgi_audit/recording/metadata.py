@@ -14,6 +14,8 @@ from ..capture.record import Body, Exchange
 
 
 def body_metadata(body: Body | None) -> dict[str, Any] | None:
+    """A body's description: exactly the chain's body fields, so that the record's
+    metadata is its own canonical form (see :func:`~.chain.record_digest`)."""
     if body is None:
         return None
     sent_path = body.sent_path
@@ -22,7 +24,6 @@ def body_metadata(body: Body | None) -> dict[str, Any] | None:
         "sha256": body.known_sha256(),
         "stored": not body.skipped and sent_path is None,
         "truncated": body.truncated,
-        "skipped": body.skipped,
         "complete": body.complete,
         "sent_path": sent_path,
         "stored_sha256": None,

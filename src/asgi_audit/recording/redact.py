@@ -32,12 +32,15 @@ def header_redactor(names: Iterable[str], marker: str = MARKER) -> Step:
             headers = meta.get(field)
             if not headers:
                 continue
-            replaced = []
-            for name, value in headers:
-                if name.lower() in secret:
-                    found.add(name.lower())
-                    value = marker
-                replaced.append((name, value))
+            # Most messages carry no secret header: they are only looked at, not copied.
+            hits = [at for at, (name, _) in enumerate(headers) if name.lower() in secret]
+            if not hits:
+                continue
+            replaced = list(headers)
+            for at in hits:
+                name = replaced[at][0]
+                found.add(name.lower())
+                replaced[at] = (name, marker)
             meta[field] = replaced
         if found:
             meta["redacted_headers"] = sorted(found)

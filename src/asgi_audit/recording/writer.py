@@ -90,6 +90,11 @@ from .spool import SegmentWriter, spool_bytes
 logger = logging.getLogger("asgi_audit.recorder")
 
 MAX_FRAME_BYTES = 16 << 20
+TAKE_RECORDS = 256
+"""The most records one turn of the writer takes from the queue. A response held by
+``overflow="block"`` waits for the writer's next take, that is for it to finish the
+current one: kept to a few milliseconds of work (~10 ms of small records), the wait at
+saturation is that, not the time to write a whole queue of them (~0.5 s for 10,000)."""
 INLINE_HASH = 64 << 10
 """Bodies smaller than this are hashed on the writer thread itself, not the hasher's."""
 PACK_IN_WRITER = 4 << 10
@@ -516,7 +521,7 @@ class SpoolRecorder:
     def _take(self) -> list[Exchange]:
         taken: list[Exchange] = []
         size = 0
-        while self._queue and (not taken or size < MAX_FRAME_BYTES):
+        while self._queue and (not taken or (size < MAX_FRAME_BYTES and len(taken) < TAKE_RECORDS)):
             exchange, weight = self._queue.popleft()
             self._bytes -= weight
             size += weight
@@ -799,11 +804,18 @@ class SpoolRecorder:
         """``shown`` (``exchange`` as its record tells it) encoded as record ``seq``;
         raises :class:`_Unreadable` when a kept body's bytes cannot be read."""
         request, response = _kept(shown.request_body), _kept(shown.response_body)
+        request_size, response_size = _stored_size(request), _stored_size(response)
         # A record too large for memory is streamed from its spill files, unread: a body
         # of it that has redaction rules cannot be redacted, so it is not kept.
-        large = _stored_size(request) + _stored_size(response) >= MAX_FRAME_BYTES
-        carried = self._carried(request, "request", shown.request_headers, large)
-        carried += self._carried(response, "response", shown.response_headers, large)
+        large = request_size + response_size >= MAX_FRAME_BYTES
+        # Only a body of REDACT_LIMIT or more can be too large to redact: the usual
+        # record skips the question (and the header scans it takes).
+        checked = large or max(request_size, response_size) >= REDACT_LIMIT
+        if checked:
+            carried = self._carried(request, "request", shown.request_headers, large)
+            carried += self._carried(response, "response", shown.response_headers, large)
+        else:
+            carried = request_size + response_size
         if carried >= MAX_FRAME_BYTES:
             # Spilled bodies weigh nothing in the queue: a large one is streamed from its
             # spill file into a frame of its own, never held in memory whole.
@@ -813,9 +825,11 @@ class SpoolRecorder:
             return _Large.checked(exchange, shown, seq, meta, request, response)
         packed: list[str] = []
         about = {}
-        request_chunks = self._pack(request, "request", shown.request_headers, packed, about, large)
+        request_chunks = self._pack(
+            request, "request", shown.request_headers, packed, about, large, checked
+        )
         response_chunks = self._pack(
-            response, "response", shown.response_headers, packed, about, large
+            response, "response", shown.response_headers, packed, about, large, checked
         )
         meta = self._draft(shown, seq, packed, about)
         return _Small(exchange, seq, carried, meta, request_chunks, response_chunks)
@@ -887,6 +901,7 @@ class SpoolRecorder:
         packed: list[str],
         about: dict[str, dict[str, Any]],
         large: bool,
+        checked: bool = True,
     ) -> list[bytes]:
         """The body's bytes as the spool keeps them: redacted (JSON and form bodies), then
         zstd-packed when that pays (``name`` is then added to ``packed``). ``about[name]``
@@ -898,7 +913,7 @@ class SpoolRecorder:
             return []
         entry: dict[str, Any] = {}
         about[name] = entry
-        if self._too_large_to_redact(body, name, headers, large):
+        if checked and self._too_large_to_redact(body, name, headers, large):
             if body.known_sha256() is None:
                 entry["sha256"] = body.sha256()
             entry.update(unparseable=True, stored_sha256=_sha256(UNPARSEABLE))
@@ -958,8 +973,6 @@ class SpoolRecorder:
         learnt of each body (digests, redaction)."""
         meta = exchange_metadata(exchange)
         meta = run_pipeline(self.pipeline, meta)
-        if packed:
-            meta[PACKED] = packed
         for name, found in (about or {}).items():
             meta[f"{name}_body"].update(found)
         chain = self._chain
@@ -968,7 +981,11 @@ class SpoolRecorder:
         # unless a recorder is used without the middleware's identity)
         # Chained and encoded here, one record at a time: a record that cannot be encoded
         # (a lone surrogate in a path) is skipped alone, and leaves no gap in ``seq``.
+        # Linked before ``packed`` is added: until then the metadata is its own
+        # canonical form, which the chain hashes as it is.
         chain.link(meta, seq)
+        if packed:
+            meta[PACKED] = packed
         return orjson.dumps(meta)
 
 
