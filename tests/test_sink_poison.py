@@ -122,6 +122,61 @@ def test_sqlite_own_refusal_is_a_record_refused_naming_the_row(
     assert sqlite_store.get(good.id) == good
 
 
+def test_sqlite_refusal_inside_a_batch_names_its_row_and_keeps_nothing(
+    sqlite_store: SqliteSink, make: Records
+) -> None:
+    """A batch goes in with one executemany; when SQLite refuses a row in its middle, the
+    rows are tried again one by one (in a transaction rolled back too) only to name it:
+    nothing of the batch is kept, no transaction is left open, the sink goes on."""
+    connection = connection_of(sqlite_store)
+    connection.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON records WHEN NEW.path = '/refused'"
+        " BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END"
+    )
+    batch = [make(), make(), make(path="/refused"), make(), make()]
+    with pytest.raises(RecordRefused, match="refused by a trigger") as raised:
+        sqlite_store.write_batch(batch)
+    assert raised.value.ids == (batch[2].id,)
+    assert isinstance(raised.value.__cause__, sqlite3.IntegrityError)
+    assert not connection.in_transaction
+    assert sqlite_store.count() == 0
+    sqlite_store.write_batch(batch[:2] + batch[3:])
+    assert sqlite_store.count() == 4
+
+
+def test_sqlite_checkpoint_refused_inside_a_call_is_named(sqlite_store: SqliteSink) -> None:
+    connection = connection_of(sqlite_store)
+    connection.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON checkpoints WHEN NEW.idx = 2"
+        " BEGIN SELECT RAISE(ABORT, 'refused by a trigger'); END"
+    )
+    found = [{"stream": "s", "index": n, "at_ns": n} for n in (1, 2, 3)]
+    with pytest.raises(RecordRefused, match=r"checkpoint \(stream 's', index 2\) refused"):
+        sqlite_store.write_checkpoints(found)
+    assert not connection.in_transaction
+    assert list(sqlite_store.checkpoints()) == []
+
+
+def test_sqlite_failure_that_is_no_refusal_is_retried_not_named(
+    sqlite_store: SqliteSink, make: Records
+) -> None:
+    """An error that is not about what a row holds (here a trigger whose table is gone:
+    OperationalError) is a SinkError to retry, and the batch is not tried row by row."""
+    connection = connection_of(sqlite_store)
+    connection.execute("CREATE TABLE gone (x)")
+    connection.execute(
+        "CREATE TRIGGER broken AFTER INSERT ON records BEGIN INSERT INTO gone VALUES (1); END"
+    )
+    connection.execute("DROP TABLE gone")
+    with pytest.raises(SinkError, match="no such table") as raised:
+        sqlite_store.write_batch([make(), make()])
+    assert not isinstance(raised.value, RecordRefused)
+    assert not connection.in_transaction
+    connection.execute("DROP TRIGGER broken")
+    sqlite_store.write_batch([make()])
+    assert sqlite_store.count() == 1
+
+
 @pytest.fixture(scope="module")
 def over_a_gigabyte() -> bytes:
     """Random bytes (zstd cannot shrink them) just over PostgreSQL's and SQLite's limits."""

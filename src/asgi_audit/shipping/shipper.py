@@ -78,14 +78,36 @@ class _Batch(list[Entry]):
 def stored_record(spooled: SpooledRecord) -> StoredRecord:
     """Settle a spooled record: digests computed where the tap and the spool writer left
     them out; bodies left packed (``decode_payload(unpack=False)``) stay packed only."""
+    request_packed, response_packed = spooled.request_packed, spooled.response_packed
+    # A packed body is never empty: empty bytes beside packed ones mean "left packed".
+    request = None if request_packed is not None and not spooled.request else spooled.request
+    response = None if response_packed is not None and not spooled.response else spooled.response
+    meta = spooled.meta
+    if not (_digested(meta.get("request_body")) and _digested(meta.get("response_body"))):
+        meta = _with_digests(spooled)
+    record = StoredRecord.from_metadata(meta, request, response)
+    if record.request_body is not None:
+        record.request_body.packed = request_packed
+    if record.response_body is not None:
+        record.response_body.packed = response_packed
+    return record
+
+
+def _digested(body: object) -> bool:
+    """Whether a spooled body description needs nothing more (absent, or with its digest):
+    the usual case, in which the spooled meta is read as it is, not copied."""
+    return body is None or (type(body) is dict and bool(body.get("sha256")))
+
+
+def _with_digests(spooled: SpooledRecord) -> dict[str, Any]:
+    """A copy of the spooled meta with the bodies' missing digests computed (the spooled
+    meta itself is left as read: the quarantine may still need it)."""
     meta = dict(spooled.meta)
-    kept: list[bytes | None] = []
     for name, data, packed in (
         ("request_body", spooled.request, spooled.request_packed),
         ("response_body", spooled.response, spooled.response_packed),
     ):
-        packed_only = packed is not None and not data  # a packed body is never empty
-        kept.append(None if packed_only else data)
+        packed_only = packed is not None and not data
         body = meta.get(name)
         if body is None:
             continue
@@ -94,12 +116,7 @@ def stored_record(spooled: SpooledRecord) -> StoredRecord:
             plain = packing.decode(packed, "zstd") if packed_only else data
             body["sha256"] = _digest(body, plain or b"")
         meta[name] = body
-    record = StoredRecord.from_metadata(meta, kept[0], kept[1])
-    if record.request_body is not None:
-        record.request_body.packed = spooled.request_packed
-    if record.response_body is not None:
-        record.response_body.packed = spooled.response_packed
-    return record
+    return meta
 
 
 def _digest(body: dict[str, Any], data: bytes) -> str:

@@ -34,6 +34,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from ..errors import CorruptRecord
@@ -92,6 +93,12 @@ binary COPY of 2**40 into an int4 column stores 0 without a word)."""
 
 _TEXTS = ("stream", "method", "path", "outcome", "correlation_id", "service")
 _OPTIONAL_TEXTS = ("route", "trace_id")
+_INTEGERS = (("started_at_ns", INT64, False), ("seq", INT64, False), ("status", INT32, True))
+"""The integer columns: name, range, and whether None is allowed."""
+_texts = attrgetter(*_TEXTS)
+_optional_texts = attrgetter(*_OPTIONAL_TEXTS)
+_JUST_STR = frozenset({str})
+_STR_OR_NONE = frozenset({str, type(None)})
 
 
 def bounded(value: str) -> str:
@@ -150,10 +157,17 @@ class Dialect:
     check: Callable[[StoredRecord], str | None] | None = None
     """What else the database cannot take of a record (a start time it has no partition
     name for, say): the reason, or None."""
+    plain: Callable[[str], bool] | None = None
+    """A quick test for text that is ASCII and that :attr:`text` leaves as it is, true of
+    a concatenation only when true of each part (as ``str.isascii``); None: no such test,
+    :attr:`text` is always applied. Index columns are made for every record written; what
+    passes it, and fits :data:`INDEX_BYTES`, is taken as it is."""
 
     def index(self, value: str) -> str:
         """``value`` as a copied column holds it: made safe by :attr:`text`, then
         :func:`bounded`."""
+        if self.plain is not None and len(value) <= INDEX_BYTES and self.plain(value):
+            return value  # what text() and bounded() would give back
         return bounded(self.text(value))
 
 
@@ -175,18 +189,49 @@ def indexed_columns(record: StoredRecord, dialect: Dialect) -> tuple[Any, ...]:
     """The columns both SQL sinks index, in their shared order (method through
     ``metadata``): texts made safe for the database and bounded (:meth:`Dialect.index`),
     and the whole record as JSON."""
-    index = dialect.index
+    texts = _indexed_texts(record)
+    if not _all_plain(texts, dialect):
+        index = dialect.index
+        texts = (
+            index(record.method),
+            None if record.route is None else index(record.route),
+            index(record.path),
+            index(record.outcome),
+            index(record.correlation_id),
+            None if record.trace_id is None else index(record.trace_id),
+            index(record.service),
+        )
+    method, route, path, outcome, correlation_id, trace_id, service = texts
     return (
-        index(record.method),
-        None if record.route is None else index(record.route),
-        index(record.path),
+        method,
+        route,
+        path,
         record.status,
-        index(record.outcome),
-        index(record.correlation_id),
-        None if record.trace_id is None else index(record.trace_id),
-        index(record.service),
+        outcome,
+        correlation_id,
+        trace_id,
+        service,
         json_text(record.metadata()),
     )
+
+
+_indexed_texts = attrgetter(
+    "method", "route", "path", "outcome", "correlation_id", "trace_id", "service"
+)
+
+
+def _all_plain(texts: tuple[str | None, ...], dialect: Dialect) -> bool:
+    """Whether each of ``texts`` (None aside) is its own index column: it passes
+    :attr:`Dialect.plain` and fits :data:`INDEX_BYTES` (see :meth:`Dialect.index`), told
+    at once for all of them, as they usually are."""
+    if dialect.plain is None:
+        return False
+    try:
+        present = tuple(filter(None, texts))  # "" is its own index column too
+        longest = max(map(len, present), default=0)
+        return longest <= INDEX_BYTES and dialect.plain("".join(present))
+    except TypeError:  # not all texts: each is told by Dialect.index
+        return False
 
 
 def encoded_bodies(record: StoredRecord) -> tuple[bytes | None, str, bytes | None, str]:
@@ -230,7 +275,8 @@ def rows(
             except (TypeError, ValueError, OverflowError, RecursionError) as exc:
                 reason = f"cannot be encoded ({type(exc).__name__}: {exc})"
             else:
-                reason = too_large(made[-1], limits)
+                if not _surely_fits(made[-1], limits):
+                    reason = too_large(made[-1], limits)
         if reason is not None:
             reasons[record.id if isinstance(record.id, str) else repr(record.id)] = reason
     if reasons:
@@ -242,27 +288,43 @@ def wrong_fields(record: StoredRecord, dialect: Dialect) -> str | None:
     """Why the columns cannot hold ``record`` (a type, a range, an id too long), or None."""
     if not isinstance(record.id, str) or not record.id:
         return f"its id is not a non-empty string ({type(record.id).__name__})"
-    if utf8_size(dialect.text(record.id)) > INDEX_BYTES:
+    # Run for every record shipped, so the usual case (exact types, in range) is told by a
+    # few C-level checks; the loops below, which name what is wrong, run only otherwise.
+    plain_id = dialect.plain is not None and dialect.plain(record.id)
+    short_id = plain_id and len(record.id) <= INDEX_BYTES  # ASCII: a byte a character
+    if not short_id and utf8_size(dialect.text(record.id)) > INDEX_BYTES:
         return f"its id has more than {INDEX_BYTES} bytes"
-    for name in _TEXTS:
-        if not isinstance(getattr(record, name), str):
-            return f"{name} is a {type(getattr(record, name)).__name__}, not a string"
-    for name in _OPTIONAL_TEXTS:
-        if not isinstance(getattr(record, name), str | None):
-            return f"{name} is a {type(getattr(record, name)).__name__}, not a string"
-    for name, (low, high), optional in (
-        ("started_at_ns", INT64, False),
-        ("seq", INT64, False),
-        ("status", INT32, True),
+    if not (
+        _JUST_STR.issuperset(map(type, _texts(record)))
+        and _STR_OR_NONE.issuperset(map(type, _optional_texts(record)))
     ):
-        value = getattr(record, name)
-        if value is None and optional:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool):
-            return f"{name} is a {type(value).__name__}, not an integer"
-        if not low <= value <= high:
-            return f"{name} {value} is out of its column's range [{low}, {high}]"
+        for name in _TEXTS:
+            if not isinstance(getattr(record, name), str):
+                return f"{name} is a {type(getattr(record, name)).__name__}, not a string"
+        for name in _OPTIONAL_TEXTS:
+            if not isinstance(getattr(record, name), str | None):
+                return f"{name} is a {type(getattr(record, name)).__name__}, not a string"
+    started, seq, status = record.started_at_ns, record.seq, record.status
+    if not (
+        type(started) is int
+        and _INT64_LOW <= started <= _INT64_HIGH
+        and type(seq) is int
+        and _INT64_LOW <= seq <= _INT64_HIGH
+        and (status is None or (type(status) is int and _INT32_LOW <= status <= _INT32_HIGH))
+    ):
+        for name, (low, high), optional in _INTEGERS:
+            value = getattr(record, name)
+            if value is None and optional:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                return f"{name} is a {type(value).__name__}, not an integer"
+            if not low <= value <= high:
+                return f"{name} {value} is out of its column's range [{low}, {high}]"
     return None if dialect.check is None else dialect.check(record)
+
+
+_INT64_LOW, _INT64_HIGH = INT64
+_INT32_LOW, _INT32_HIGH = INT32
 
 
 def too_large(values: Row, limits: Limits) -> str | None:
@@ -277,6 +339,27 @@ def too_large(values: Row, limits: Limits) -> str | None:
     if total > limits.row_bytes:
         return f"the row has {total} bytes, over the {limits.row_bytes} a row may hold"
     return None
+
+
+_SIZED_COLUMNS = tuple(
+    at for at, name in enumerate(ROW_COLUMNS) if name not in ("started_at_ns", "seq", "status")
+)
+_sized_values = itemgetter(*_SIZED_COLUMNS)
+"""The values of a :func:`row` that are text, bytes or None (the others are integers)."""
+
+
+def _surely_fits(values: Row, limits: Limits) -> bool:
+    """Whether a :func:`row` is certainly within ``limits``, told without measuring each
+    value in UTF-8 (as :func:`too_large` does, for every record written otherwise): no
+    character takes more than 4 bytes, so 4 times the sum of the lengths bounds every
+    value and the row. False only means :func:`too_large` must tell."""
+    if len(values) != len(ROW_COLUMNS):
+        return False
+    try:
+        bound = 4 * sum(map(len, filter(None, _sized_values(values))))
+    except TypeError:  # not a row of :func:`row`'s types: too_large tells
+        return False
+    return bound <= limits.field_bytes and ROW_OVERHEAD + bound <= limits.row_bytes
 
 
 def record_from_row(row: Sequence[Any], record_id: str | None = None) -> StoredRecord:

@@ -33,9 +33,10 @@ bytes by default; an integer outside 64 bits; an id too long to index) is refuse
 :func:`asgi_audit.sinks.sql.rows` before the transaction starts, naming it; what SQLite
 itself refuses while a row is inserted (``sqlite3.DataError``, such as "string or blob too
 big", and ``sqlite3.IntegrityError``: duplicates are ignored by ``INSERT OR IGNORE``, so any
-that is raised is something else) is a :class:`RecordRefused` naming the row's record,
-which rows are inserted one by one to know. Everything else (locked, I/O error, disk full)
-stays a :class:`SinkError`, retried.
+that is raised is something else) is a :class:`RecordRefused` naming the row's record.
+A batch's rows go in with one ``executemany``; only when SQLite refuses one are they tried
+again one by one, in a transaction rolled back afterwards, to know which. Everything else
+(locked, I/O error, disk full) stays a :class:`SinkError`, retried.
 
 Modes: the file is created 0600 before SQLite opens it; SQLite gives its ``-wal``,
 ``-shm`` and ``-journal`` files the main file's mode, so they are 0600 too (see
@@ -62,8 +63,9 @@ from ..record import StoredRecord
 
 BUSY_TIMEOUT_MS = 10_000
 
-_DIALECT = sql.Dialect("?", sql.surrogate_safe)
-"""SQLite text must be valid UTF-8: lone surrogates are escaped in index columns."""
+_DIALECT = sql.Dialect("?", sql.surrogate_safe, plain=str.isascii)
+"""SQLite text must be valid UTF-8: lone surrogates are escaped in index columns (ASCII
+text has none, and is taken as it is)."""
 
 _SCHEMA = (
     """
@@ -116,7 +118,8 @@ _SCHEMA = (
 
 class _NotInserted(Exception):
     """A transaction of :func:`_insert_all` failed (and was rolled back); ``at`` is the
-    index of the row being inserted, None when it was BEGIN or COMMIT."""
+    index of the row SQLite refused, None when it was BEGIN or COMMIT, or an error that is
+    not a refusal (see :data:`_REFUSED`)."""
 
     def __init__(self, at: int | None, cause: BaseException) -> None:
         super().__init__(str(cause))
@@ -124,26 +127,71 @@ class _NotInserted(Exception):
         self.cause = cause
 
 
-def _insert_all(connection: sqlite3.Connection, statement: str, rows: Sequence[Any]) -> None:
-    """Every row or none, in one transaction: what both records and checkpoints need."""
-    at: int | None = None
-    try:
-        connection.execute("BEGIN IMMEDIATE")
-        for at, values in enumerate(rows):  # noqa: B007 (``at`` names the row at fault)
-            connection.execute(statement, values)
-        at = None
-        connection.execute("COMMIT")
-    except (sqlite3.Error, OverflowError, UnicodeError) as exc:
-        if connection.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                connection.execute("ROLLBACK")
-        raise _NotInserted(at, exc) from exc
-
+_FAILED = (sqlite3.Error, OverflowError, UnicodeError)
+"""What inserting rows raises (sqlite3's own errors, and binding errors: an integer over
+64 bits, a string that is not valid UTF-8)."""
 
 _REFUSED = (sqlite3.DataError, sqlite3.IntegrityError, OverflowError, UnicodeError)
 """What inserting one row raises when SQLite cannot take what it holds (too big, out of
 range, not encodable, a constraint other than the primary key) rather than cannot write
 now; checks before the transaction find all these first, this is for what they miss."""
+
+
+def _insert_all(connection: sqlite3.Connection, statement: str, rows: Sequence[Any]) -> None:
+    """Every row or none, in one transaction: what both records and checkpoints need.
+
+    The rows go in one ``executemany`` (a statement per row cost more than SQLite's own
+    work on a small record). When it fails for what a row holds, the transaction is rolled
+    back and the rows are tried again one by one, in a transaction that is rolled back
+    too, only to find which row SQLite refuses (``_NotInserted.at``), so that the refusal
+    names its record; other failures (locked, I/O) are not tried again here."""
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.executemany(statement, rows)
+        except _REFUSED as exc:
+            _rollback(connection)
+            found = _row_at_fault(connection, statement, rows)
+            if found is None:  # not refused when alone: failing now, not for good
+                raise _NotInserted(None, exc) from exc
+            at, cause = found
+            raise _NotInserted(at, cause) from cause
+        connection.execute("COMMIT")
+    except _FAILED as exc:
+        _rollback(connection)
+        raise _NotInserted(None, exc) from exc
+
+
+def _row_at_fault(
+    connection: sqlite3.Connection, statement: str, rows: Sequence[Any]
+) -> tuple[int, BaseException] | None:
+    """The index of the first row SQLite refuses, and what it raised, found by inserting
+    the rows one by one in a transaction that is then rolled back (nothing is kept); None
+    when no row is refused, or the transaction cannot be had."""
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error:
+        return None
+    try:
+        for at, values in enumerate(rows):
+            try:
+                connection.execute(statement, values)
+            except _REFUSED as exc:
+                return at, exc
+            except _FAILED:
+                return None
+        return None
+    finally:
+        _rollback(connection)
+
+
+def _rollback(connection: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not already (it does on some errors);
+    a failure to do so changes nothing for the caller, which reports the first error."""
+    if connection.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            connection.execute("ROLLBACK")
+
 
 _INSERT = (
     f"INSERT OR IGNORE INTO records ({', '.join(sql.ROW_COLUMNS)})"
