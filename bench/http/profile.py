@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from bench.http.load import hey
-from bench.http.run import DEFAULT_POSTGRES, RESULTS, warm_up
+from bench.http.run import DEFAULT_POSTGRES, RESULTS, SMALL_BODY, warm_up
 from bench.http.server import serving
 from bench.recording import order_json
 
@@ -28,6 +28,7 @@ LOADS = {  # name: (path, requests per second or None for closed loop, concurren
     "raw-c8": ("/raw/echo", None, 8),
     "json-open": ("/json/echo", 4.0, 2),
     "json-c8": ("/json/echo", None, 8),
+    "small-c8": ("/small", None, 8),
 }
 
 
@@ -52,14 +53,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="asgi-audit-profile-") as temporary:
         scratch = Path(temporary)
         body = scratch / "body.json"
-        body.write_bytes(order_json(1 << 20))
+        body.write_bytes(SMALL_BODY if path == "/small" else order_json(1 << 20))
         with serving(args.variant, scratch / "server", DEFAULT_POSTGRES) as server:
             warm_up(server, {"raw": body, "json": body})
             command = [spy, "record", "-p", str(server.process.pid), "-o", str(output)]
             command += ["-r", str(args.rate), "-f", args.format, "--subprocesses", "--threads"]
             command += ["-d", str(int(args.seconds) + 2)] + (["--gil"] if args.gil else [])
             spying = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            requests = int((rate or 50) * args.seconds)
+            closed_rate = 3000 if path == "/small" else 50
+            requests = int((rate or closed_rate) * args.seconds)
             sample = hey(server.url(path), body, requests, concurrency, args.seconds * 6, rate)
             out, _ = spying.communicate(timeout=args.seconds + 60)
     print(out.decode(errors="replace")[-2000:])

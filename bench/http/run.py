@@ -35,7 +35,7 @@ import httpx
 
 from bench.http.limit import measure, recording_limit
 from bench.http.load import Sample, hey, peak_rss_mib, stream, tree_cpu, wrk
-from bench.http.report import BASELINE, Report, Results, write_report
+from bench.http.report import BASELINE, SMALL, Report, Results, write_report
 from bench.http.server import DEFAULT_STACK, STACKS, Server, catch_up, serving, tracebacks
 from bench.postgres import postgres_reachable
 from bench.recording import order_json
@@ -128,7 +128,7 @@ def workloads(args: argparse.Namespace, files: dict[str, Path]) -> list[Workload
             steady("/json/echo", "json", args.json_rate, 2),
         ),
         Workload(
-            "1 KB POST, c=8",
+            SMALL,
             "closed",
             lambda s: wrk(s.url("/small"), SMALL_BODY, small_seconds, 8, timeout),
         ),
