@@ -6,6 +6,11 @@ Its ``receive`` and ``send`` forward the very message objects they get, immediat
 after keeping a reference to their body bytes on the side; the work between receiving a
 message and returning it is synchronous (an ``await`` there would lose the message when
 the task is cancelled).
+
+The common path (one request, one response, records handed off in batches) runs once per
+audited exchange on the event loop, so it is kept short: per-middleware facts (tap limits,
+the mode, a rule's ceiling) are worked out beforehand, the request headers are scanned
+once, and the record is handed off without a coroutine unless the recorder is full.
 """
 
 from __future__ import annotations
@@ -15,14 +20,19 @@ import contextlib
 import time
 from typing import Any, Protocol
 
-from .._types import ASGIApp, Headers, Message, Receive, Scope, Send
+from .._types import Headers, Message, Receive, Scope, Send
 from ..errors import RecordNotWritten
 from .levels import Level
 from .policy import PENDING, Policy, Rule, _Pending
 from .record import Body, Exchange, Identity, Outcome, new_record_id
 from .routes import TemplateResolver
 from .settings import Settings
-from .tap import BodyTap
+from .tap import BodyTap, TapLimits
+
+# Enum members read through the class cost a lookup each; these run on every exchange.
+_NONE = Level.NONE
+_REQUEST = Level.REQUEST
+_REQUEST_RESPONSE = Level.REQUEST_RESPONSE
 
 
 class Roomy(Protocol):
@@ -34,12 +44,12 @@ class Roomy(Protocol):
 class Host(Protocol):
     """What a capture needs from the middleware that made it."""
 
-    app: ASGIApp
     settings: Settings
     policy: Policy
     resolver: TemplateResolver
     blocks: bool
-    in_flight: int
+    waits_for_record: bool
+    tap_limits: TapLimits
     failures: int
     unwritten: int
 
@@ -49,15 +59,8 @@ class Host(Protocol):
 
     async def hand_off(self, exchange: Exchange) -> bool: ...
 
-    def hand_off_now(self, exchange: Exchange) -> bool: ...
-
     @property
     def recorder(self) -> Roomy: ...
-
-
-def max_level(rule: Rule) -> Level:
-    """The most a rule can keep of an exchange (its status filter may lower it later)."""
-    return max(rule.level, rule.otherwise) if rule.statuses else rule.level
 
 
 class ExchangeCapture:
@@ -69,6 +72,7 @@ class ExchangeCapture:
         "active",
         "disconnected",
         "error",
+        "level",
         "mw",
         "path",
         "recorded",
@@ -108,12 +112,17 @@ class ExchangeCapture:
         self._send = send
         self.root = root
         self.path = path
-        self.rule: Rule | None = None if decision is PENDING else decision  # type: ignore[assignment]
-        keep_request = self.rule is None or max_level(self.rule) >= Level.REQUEST
-        self.req: BodyTap | None = self._tap(keep_request)
+        rule: Rule | None = None if decision is PENDING else decision  # type: ignore[assignment]
+        self.rule = rule
+        self.req: BodyTap | None = BodyTap.with_limits(
+            mw.tap_limits, rule is None or rule.ceiling >= _REQUEST
+        )
         self.resp: BodyTap | None = None
         self.status: int | None = None
-        self.response_headers: Headers = []
+        self.level: Level | None = None
+        """The level for ``status``, once the response started."""
+        self.response_headers: Headers | None = None
+        """A copy of the start message's headers, once it went by."""
         self.trailers = False
         self.response_trailers: Headers = []
         self.response_started: int | None = None
@@ -128,91 +137,56 @@ class ExchangeCapture:
         self.template: str | None = None
         """The route template, once routing has run and a decision or the record needed it."""
 
-    def _tap(self, keep: bool) -> BodyTap:
-        s = self.mw.settings
-        return BodyTap(
-            memory_limit=s.memory_limit,
-            body_limit=s.body_limit,
-            over_limit=s.over_limit,
-            spill_dir=s.spill_dir,
-            spill_limit=s.spill_limit,
-            keep=keep,
-        )
-
-    async def run(self) -> None:
-        self.mw.in_flight += 1
-        try:
-            await self._run()
-        finally:
-            self.mw.in_flight -= 1
-
-    async def _run(self) -> None:
-        try:
-            await self.mw.app(self.scope, self.receive, self.send)
-        except Exception as exc:
-            self.error = exc
-            exchange = self._finish()
-            if exchange is not None:
-                await self.mw.hand_off(exchange)
-            raise
-        except BaseException as exc:
-            self.error = exc
-            exchange = self._finish()
-            if exchange is not None:
-                self.mw.hand_off_now(exchange)
-            raise
-        exchange = self._finish()
-        if exchange is not None:
-            await self.mw.hand_off(exchange)
-
     async def receive(self) -> Message:
         tap = self.req
-        if tap is not None and self.active and tap.backlogged:
+        if tap is not None and tap.spilling and self.active and tap.backlogged:
             await tap.catch_up()
         message = await self._receive()
         # Synchronous from here on: an await would lose `message` on cancellation.
         if self.active:
             try:
-                self._on_receive(message)
+                kind = message["type"]
+                if kind == "http.request":
+                    if self.rule is None and ("route" in self.scope or "endpoint" in self.scope):
+                        self._decide()
+                    tap = self.req
+                    if tap is not None:
+                        body = message.get("body", b"")
+                        tap.feed(body if type(body) is bytes else bytes(body))
+                    if not message.get("more_body", False):
+                        self.request_complete = True
+                elif kind == "http.disconnect" and not self.response_complete:
+                    self.disconnected = True
             except Exception:
                 self._abandon()
         return message
-
-    def _on_receive(self, message: Message) -> None:
-        kind = message["type"]
-        if kind == "http.request":
-            if self.rule is None and ("route" in self.scope or "endpoint" in self.scope):
-                self._decide()
-            tap = self.req
-            if tap is not None:
-                body = message.get("body", b"")
-                tap.feed(body if type(body) is bytes else bytes(body))
-            if not message.get("more_body", False):
-                self.request_complete = True
-        elif kind == "http.disconnect" and not self.response_complete:
-            self.disconnected = True
 
     async def send(self, message: Message) -> None:
         completes = False
         if self.active:
             tap = self.resp
-            if tap is not None and tap.backlogged:
+            if tap is not None and tap.spilling and tap.backlogged:
                 await tap.catch_up()
             try:
-                self._on_send(message)
+                completes = self._on_send(message)
             except Exception:
                 self._abandon()
-            completes = self._completes(message)
-            if completes and self.mw.settings.mode != "batch":
-                await self._record_first()
-            elif completes and self.mw.blocks:
-                # Backpressure for overflow="block": while the recorder is full, hold the
-                # response's last message. Once it is sent the client (and the server, on
-                # a keep-alive connection) goes on to the next request, so waiting after
-                # it would let finished exchanges pile up without bound. A recorder that
-                # fails here fails again at the hand-off, which counts it.
-                with contextlib.suppress(Exception):
-                    await self.mw.recorder.room()
+                completes = self._completes(message)
+            if completes:
+                if self.mw.waits_for_record:
+                    await self._record_first()
+                elif self.mw.blocks:
+                    # Backpressure for overflow="block": while the recorder is full, hold
+                    # the response's last message. Once it is sent the client (and the
+                    # server, on a keep-alive connection) goes on to the next request, so
+                    # waiting after it would let finished exchanges pile up without bound.
+                    # A recorder that fails here fails again at the hand-off, which counts
+                    # it. (try/except rather than contextlib.suppress: this runs for every
+                    # exchange, and suppress costs three calls.)
+                    try:  # noqa: SIM105
+                        await self.mw.recorder.room()
+                    except Exception:
+                        pass
         try:
             await self._send(message)
         except OSError:
@@ -229,7 +203,7 @@ class ExchangeCapture:
         ``blocking-strict`` withholds it: the exception reaches the server, which closes
         the connection, so no client sees a complete response that went unaudited."""
         self.response_complete = True  # what the record says once this message is sent
-        exchange = self._finish()
+        exchange = self.finish()
         self.response_complete = False
         if exchange is None:  # no longer audited (its status, or a capture failure)
             return
@@ -267,7 +241,9 @@ class ExchangeCapture:
                 "written; the response is withheld (mode='blocking-strict')"
             )
 
-    def _on_send(self, message: Message) -> None:
+    def _on_send(self, message: Message) -> bool:
+        """Take in what ``message`` says; return whether it completes the response (what
+        :meth:`_completes` answers, worked out in the same pass)."""
         kind = message["type"]
         if kind == "http.response.body":
             tap = self.resp
@@ -276,18 +252,25 @@ class ExchangeCapture:
             if tap is not None and self.scope["method"] != "HEAD":
                 body = message.get("body", b"")
                 tap.feed(body if type(body) is bytes else bytes(body))
-        elif kind == "http.response.start":
+            return not self.trailers and not message.get("more_body", False)
+        if kind == "http.response.start":
             self.response_started = time.monotonic_ns()
             self.status = message["status"]
             self.response_headers = list(message.get("headers", ()))
             self.trailers = bool(message.get("trailers", False))
             self._on_status()
-        elif kind == "http.response.trailers":
+            return False
+        if kind == "http.response.trailers":
             self.response_trailers.extend(message.get("headers", ()))
-        elif kind == "http.response.pathsend":
+            return not message.get("more_trailers", False)
+        if kind == "http.response.pathsend":
             self.sent_path = message.get("path")
-        elif kind == "http.response.zerocopysend" and self.resp is not None:
-            self.resp.size += int(message.get("count") or 0)
+            return True
+        if kind == "http.response.zerocopysend":
+            if self.resp is not None:
+                self.resp.size += int(message.get("count") or 0)
+            return not message.get("more_body", False)
+        return False
 
     def _completes(self, message: Message) -> bool:
         kind = message["type"]
@@ -304,21 +287,21 @@ class ExchangeCapture:
     def _decide(self) -> None:
         scope = self.scope
         self.template = template = self.mw.resolver.template(scope, self.root)
-        self.rule = self.mw.policy.decide_late(scope, scope["method"], self.path, template)
-        if max_level(self.rule) < Level.REQUEST and self.req is not None:
+        self.rule = rule = self.mw.policy.decide_late(scope, scope["method"], self.path, template)
+        if rule.ceiling < _REQUEST and self.req is not None:
             self.req.stop_keeping()
 
     def _on_status(self) -> None:
         if self.rule is None:
             self._decide()
         assert self.rule is not None and self.status is not None
-        level = self.rule.level_for_status(self.status)
-        if level is Level.NONE:
+        self.level = level = self.rule.level_for_status(self.status)
+        if level is _NONE:
             self._abandon()
             return
-        if level < Level.REQUEST and self.req is not None:
+        if level < _REQUEST and self.req is not None:
             self.req.stop_keeping()
-        self.resp = self._tap(level >= Level.REQUEST_RESPONSE)
+        self.resp = BodyTap.with_limits(self.mw.tap_limits, level >= _REQUEST_RESPONSE)
 
     def _abandon(self) -> None:
         """Stop auditing this exchange; the app and the client go on untouched."""
@@ -328,7 +311,9 @@ class ExchangeCapture:
                 tap.stop_keeping()
         self.req = self.resp = None
 
-    def _finish(self) -> Exchange | None:
+    def finish(self) -> Exchange | None:
+        """The record of this exchange, or None when it is no longer audited (or was
+        handed off already); a record that cannot be built is counted and logged."""
         if not self.active or self.recorded:
             return None
         try:
@@ -343,70 +328,89 @@ class ExchangeCapture:
         if self.rule is None:
             self._decide()
         assert self.rule is not None
-        level = self.rule.level_for_status(self.status if self.status is not None else 500)
-        if level is Level.NONE:
+        status = self.status
+        level = self.level  # worked out at the response start, for the same rule and status
+        if level is None:
+            level = self.rule.level_for_status(status if status is not None else 500)
+        if level is _NONE:
             self._abandon()
             return None
         scope = self.scope
-        identity = self.mw.identity()
+        mw = self.mw
+        identity = mw.identity()
         headers: Headers = scope.get("headers") or []
-        correlation, trace = _correlation(headers)
-        outcome, error = self._outcome()
-        request_complete = self.request_complete or _bodiless(headers, scope)
-        request_body = self._close(self.req, request_complete, level >= Level.REQUEST)
-        response_body = self._close(
-            self.resp, self.response_complete, level >= Level.REQUEST_RESPONSE
-        )
-        response_size = self.resp.size if self.resp is not None else 0
+        correlation, trace, host = _header_facts(headers)
+        if self.response_complete and self.error is None and not self.disconnected:
+            outcome: Outcome = "complete"  # what _outcome says, without the call
+            error = None
+        else:
+            outcome, error = self._outcome()
+        req, resp = self.req, self.resp
+        request_body = response_body = None
+        if req is not None:
+            if level < _REQUEST:
+                req.stop_keeping()
+            request_body = req.close(self.request_complete or _bodiless(headers, scope))
+        response_size = 0
+        if resp is not None:
+            if level < _REQUEST_RESPONSE:
+                resp.stop_keeping()
+            response_body = resp.close(self.response_complete)
+            response_size = resp.size
         if self.sent_path is not None:
             sent = Body.from_path(self.sent_path)
             with contextlib.suppress(OSError):  # gone already: the size stays unknown (0)
                 response_size = sent.file_size()
-            if level >= Level.REQUEST_RESPONSE:
+            if level >= _REQUEST_RESPONSE:
                 response_body = sent
-        record_id = new_record_id()
+        ended = time.monotonic_ns()
+        # The wall clock now, from the monotonic one: a clock read less per exchange.
+        record_id = new_record_id(self.started_at + ended - self.started_mono)
         client = scope.get("client")
+        if client and (type(client) is not tuple or len(client) != 2):
+            client = (client[0], client[1])
+        # Positional: keyword arguments cost more than the rest of this method. The
+        # order is Exchange's field order (a test holds the two together).
         return Exchange(
-            id=record_id,
-            stream=identity.stream,
-            level=level,
-            method=scope["method"],
-            scheme=scope.get("scheme", "http"),
-            host=_host(headers, scope),
-            path=scope["path"],
-            query=scope.get("query_string", b""),
-            http_version=scope.get("http_version", "1.1"),
-            client=(client[0], client[1]) if client else None,
-            request_headers=list(headers),
-            started_at_ns=self.started_at,
-            started_mono_ns=self.started_mono,
-            route=self.template or self.mw.resolver.template(scope, self.root),
-            status=self.status,
-            response_headers=self.response_headers,
-            response_trailers=self.response_trailers,
-            response_started_mono_ns=self.response_started,
-            ended_mono_ns=time.monotonic_ns(),
-            request_body=request_body,
-            response_body=response_body,
-            request_size=self.req.size if self.req is not None else 0,
-            response_size=response_size,
-            outcome=outcome,
-            error=error,
-            correlation_id=correlation or record_id,
-            trace_id=trace,
-            service=identity.service,
-            pod=identity.pod,
-            namespace=identity.namespace,
-            node=identity.node,
+            record_id,
+            identity.stream,
+            level,
+            scope["method"],
+            scope.get("scheme", "http"),
+            host.decode("latin-1") if host is not None else _server_host(scope),
+            scope["path"],
+            scope.get("query_string", b""),
+            scope.get("http_version", "1.1"),
+            client or None,
+            list(headers),
+            self.started_at,
+            self.started_mono,
+            self.template or self._template(),
+            status,
+            self.response_headers if self.response_headers is not None else [],
+            self.response_trailers,
+            self.response_started,
+            ended,
+            request_body,
+            response_body,
+            req.size if req is not None else 0,
+            response_size,
+            outcome,
+            error,
+            correlation or record_id,
+            trace,
+            identity.service,
+            identity.pod,
+            identity.namespace,
+            identity.node,
         )
 
-    @staticmethod
-    def _close(tap: BodyTap | None, complete: bool, keep: bool) -> Body | None:
-        if tap is None:
-            return None
-        if not keep:
-            tap.stop_keeping()
-        return tap.close(complete)
+    def _template(self) -> str | None:
+        """The route template for the record (None without routing, as in a raw app)."""
+        scope = self.scope
+        if "route" not in scope and "endpoint" not in scope:
+            return None  # what the resolver would find, without asking it
+        return self.mw.resolver.template(scope, self.root)
 
     def _outcome(self) -> tuple[Outcome, str | None]:
         error = self.error
@@ -427,16 +431,22 @@ def _settle(written: asyncio.Future[bool], ok: bool) -> None:
         written.set_result(ok)
 
 
-def _correlation(headers: Headers) -> tuple[str | None, str | None]:
+def _header_facts(headers: Headers) -> tuple[str | None, str | None, bytes | None]:
+    """The correlation id (the last ``X-Request-Id``), the trace id (of the last valid
+    ``traceparent``) and the first ``Host``, in one pass over the request headers."""
     correlation = trace = None
+    host: bytes | None = None
     for name, value in headers:
-        if name == b"x-request-id":
+        if name == b"host":
+            if host is None:
+                host = value
+        elif name == b"x-request-id":
             correlation = value.decode("latin-1")
         elif name == b"traceparent":
             parts = value.decode("latin-1").split("-")
             if len(parts) >= 4 and len(parts[1]) == 32:
                 trace = parts[1]
-    return correlation, trace
+    return correlation, trace, host
 
 
 def _bodiless(headers: Headers, scope: Scope) -> bool:
@@ -452,10 +462,8 @@ def _bodiless(headers: Headers, scope: Scope) -> bool:
     return True
 
 
-def _host(headers: Headers, scope: Scope) -> str:
-    for name, value in headers:
-        if name == b"host":
-            return value.decode("latin-1")
+def _server_host(scope: Scope) -> str:
+    """The host of a request without a ``Host`` header: the server's address."""
     server: Any = scope.get("server")
     if server:
         host, port = server[0], server[1]

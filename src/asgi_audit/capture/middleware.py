@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING
 from .._forks import after_fork
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from ..recording.handoff import Recorder
-from .exchange_capture import ExchangeCapture, max_level
+from .exchange_capture import ExchangeCapture
 from .levels import Level
 from .policy import PENDING, Policy, Rule
 from .record import Exchange, Identity
 from .routes import TemplateResolver, declared_templates, route_path
 from .settings import Settings, check_routes, load_settings
+from .tap import TapLimits
 
 if TYPE_CHECKING:
     from ..shipping.delivery import Delivery
@@ -156,6 +157,17 @@ class AuditMiddleware:
         self.recorder: Recorder = recorder
         self.blocks = self.settings.overflow == "block"
         """Whether a full recorder holds responses back (else exchanges are dropped)."""
+        self.waits_for_record = self.settings.mode != "batch"
+        """The ``blocking`` modes: a response's last message waits for its record."""
+        settings = self.settings
+        self.tap_limits = TapLimits(
+            settings.memory_limit,
+            settings.body_limit,
+            settings.over_limit,
+            settings.spill_dir,
+            settings.spill_limit,
+        )
+        """The limits of every body tap, worked out once rather than per exchange."""
         self.in_flight = 0
         self.resolver = TemplateResolver()
         self.dropped = 0
@@ -175,10 +187,34 @@ class AuditMiddleware:
         root = scope.get("root_path", "")
         path = route_path(scope, root) if root else scope["path"]
         decision = self.policy.decide_early(scope["method"], path)
-        if decision is not PENDING and not max_level(decision):  # type: ignore[arg-type]
+        if decision is not PENDING and not decision.ceiling:  # type: ignore[union-attr]
             await self.app(scope, receive, send)
             return
-        await ExchangeCapture(self, scope, receive, send, decision, root, path).run()
+        # The capture's run is spelled out here rather than in a coroutine of its own:
+        # one coroutine less per audited exchange.
+        capture = ExchangeCapture(self, scope, receive, send, decision, root, path)
+        self.in_flight += 1
+        try:
+            await self.app(scope, capture.receive, capture.send)
+        except Exception as exc:
+            capture.error = exc
+            exchange = capture.finish()
+            if exchange is not None:
+                await self.hand_off(exchange)
+            raise
+        except BaseException as exc:  # cancelled: hand off without waiting
+            capture.error = exc
+            exchange = capture.finish()
+            if exchange is not None:
+                self.hand_off_now(exchange)
+            raise
+        else:
+            exchange = capture.finish()
+            # The recorder nearly always has room: only a full one needs a coroutine.
+            if exchange is not None and self.offer(exchange) is None:
+                await self.submit_when_room(exchange)
+        finally:
+            self.in_flight -= 1
 
     def _lifespan_send(self, send: Send) -> Send:
         """Start the writer at startup; drain before the server hears that shutdown is
@@ -233,12 +269,34 @@ class AuditMiddleware:
     async def hand_off(self, exchange: Exchange) -> bool:
         """Give a finished exchange to the recorder, applying the overflow policy; False
         when it was dropped or the recorder failed."""
+        settled = self.offer(exchange)
+        if settled is not None:
+            return settled
+        return await self.submit_when_room(exchange)
+
+    def offer(self, exchange: Exchange) -> bool | None:
+        """The part of :meth:`hand_off` that needs no waiting, so that the usual exchange
+        costs no coroutine: True when the recorder took it, False when it was dropped or
+        the recorder failed (both counted), None when the recorder is full and
+        ``overflow="block"`` says to wait (:meth:`submit_when_room`)."""
         try:
             if self.recorder.try_submit(exchange):
                 return True
             if not self.blocks:
                 self._drop(exchange)
                 return False
+        except asyncio.CancelledError:
+            self.hand_off_now(exchange)
+            raise
+        except Exception:
+            self._fail(exchange)
+            return False
+        return None
+
+    async def submit_when_room(self, exchange: Exchange) -> bool:
+        """The rest of :meth:`hand_off` for a full recorder under ``overflow="block"``:
+        wait for room, as often as it takes."""
+        try:
             while True:
                 await self.recorder.room()
                 if self.recorder.try_submit(exchange):

@@ -93,6 +93,12 @@ class Rule:
     _exact: frozenset[str] = field(init=False, repr=False, compare=False)
     _prefixes: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _globs: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+    ceiling: Level = field(init=False, repr=False, compare=False)
+    """The most this rule can keep of an exchange (its status filter may lower it later)."""
+    _everything: bool = field(init=False, repr=False, compare=False)
+    """Matches every exchange from method and path alone (no methods, routes, markers)."""
+    _unsampled: bool = field(init=False, repr=False, compare=False)
+    """A match is final without drawing a sample (see :meth:`Policy._final`)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sample <= 1.0:
@@ -114,6 +120,17 @@ class Rule:
         object.__setattr__(self, "_exact", frozenset(exact))
         object.__setattr__(self, "_prefixes", tuple(sorted({literal_prefix(t) for t in templates})))
         object.__setattr__(self, "_globs", tuple(globs))
+        # Worked out once: the middleware asks for these on every request.
+        ceiling = max(self.level, self.otherwise) if self.statuses else self.level
+        object.__setattr__(self, "ceiling", ceiling)
+        object.__setattr__(
+            self, "_everything", not self.methods and not self.marked and not self.routes
+        )
+        object.__setattr__(
+            self,
+            "_unsampled",
+            (self.level is Level.NONE and not self.statuses) or self.sample >= 1.0,
+        )
 
     @property
     def templates(self) -> frozenset[str]:
@@ -231,11 +248,13 @@ class Policy:
     def decide_early(self, method: str, path: str) -> Rule | _Pending:
         """Decide from method and path, or return ``PENDING`` when routing must tell."""
         for rule in self.rules:
-            verdict = rule.early(method, path)
-            if verdict is None:
-                return PENDING
-            if verdict:
-                return self._final(rule)
+            if not rule._everything:
+                verdict = rule.early(method, path)
+                if verdict is None:
+                    return PENDING
+                if not verdict:
+                    continue
+            return rule if rule._unsampled else self._final(rule)
         return self._default_rule
 
     def decide_late(self, scope: Any, method: str, path: str, template: str | None) -> Rule:

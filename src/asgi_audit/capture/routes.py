@@ -32,35 +32,64 @@ def route_path(scope: Scope, root_path: str) -> str:
     return path
 
 
+_ROUTES_CACHED = 4096
+"""Routes whose attributes a resolver keeps at once (an app's routes, unless it makes
+routes per request, which then only cost the lookups again)."""
+
+
 class TemplateResolver:
     """Finds the full template of the route that served a request; cached per router."""
 
-    __slots__ = ("_contexts", "_endpoints")
+    __slots__ = ("_contexts", "_endpoints", "_routes")
 
     def __init__(self) -> None:
         self._contexts: dict[int, tuple[Any, _Contexts]] = {}
         self._endpoints: dict[int, tuple[Any, dict[int, list[str]]]] = {}
+        self._routes: dict[int, tuple[Any, str | None, bool, Any]] = {}
+        """``id(route)`` to (route, its ``path_format`` or None, whether it is a mount,
+        its ``path_regex``): read once per route instead of once per request (finding
+        that a route has no ``routes`` costs an AttributeError each time)."""
 
     def template(self, scope: Scope, entry_root_path: str) -> str | None:
         """Full route template for a routed scope, or None when no route matched."""
         route = scope.get("route")
         if route is None:
             return self._endpoint_template(scope, entry_root_path)
-        fmt = getattr(route, "path_format", None)
-        if not isinstance(fmt, str):
+        known = self._routes.get(id(route))
+        if known is None or known[0] is not route:
+            known = self._route_facts(route)
+        _, fmt, mount, regex = known
+        if fmt is None:
             return None
         current_root: str = scope.get("root_path", "") or ""
-        mount_prefix = (
-            current_root[len(entry_root_path) :] if current_root.startswith(entry_root_path) else ""
-        )
-        if _is_mount(route):
+        if current_root == entry_root_path:
+            mount_prefix = ""
+        elif current_root.startswith(entry_root_path):
+            mount_prefix = current_root[len(entry_root_path) :]
+        else:
+            mount_prefix = ""
+        if mount:
             return mount_prefix + "/{path}"
         below = route_path(scope, current_root)
-        regex = getattr(route, "path_regex", None)
         if regex is None or regex.match(below):
             return mount_prefix + fmt
         included = self._included_template(scope, route, below)
         return mount_prefix + (included if included is not None else fmt)
+
+    def _route_facts(self, route: Any) -> tuple[Any, str | None, bool, Any]:
+        fmt = getattr(route, "path_format", None)
+        if not isinstance(fmt, str):
+            fmt = None
+        facts = (
+            route,
+            fmt,
+            fmt is not None and _is_mount(route),
+            getattr(route, "path_regex", None),
+        )
+        if len(self._routes) >= _ROUTES_CACHED:
+            self._routes.clear()
+        self._routes[id(route)] = facts
+        return facts
 
     def _included_template(self, scope: Scope, route: Any, below: str) -> str | None:
         router = scope.get("router")
