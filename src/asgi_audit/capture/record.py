@@ -301,10 +301,11 @@ class _UUID7:
 
     Made once per audited exchange on the event loop, so each step is the cheap one: the
     millisecond part (the first 14 characters) is formatted once per millisecond; the
-    counter and the 62 random bits are formatted straight into their groups instead of
-    one 128-bit number being formatted and sliced (``%`` beats an f-string with four
-    format specs); and the lock is taken with ``acquire``/``release``, since ``with``
-    costs more than twice as much as those two calls.
+    version and counter, then the variant and random bits, are written as bytes in hex
+    (``bytes.hex`` puts the last group's dash in place), a third faster than formatting
+    integers with format specs and than one 128-bit number formatted and sliced; and the
+    lock is taken with ``acquire``/``release``, since ``with`` costs more than twice as
+    much as those two calls.
     """
 
     def __init__(self) -> None:
@@ -316,7 +317,8 @@ class _UUID7:
 
     def __call__(self, now_ns: int | None = None) -> str:
         """A new id; ``now_ns`` is the wall-clock time when the caller knows it already
-        (else the clock is read)."""
+        (the capture derives it from the monotonic clock it reads anyway), else the
+        clock is read."""
         ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
         lock = self._lock
         lock.acquire()
@@ -335,13 +337,14 @@ class _UUID7:
             prefix = self._prefix
         finally:
             lock.release()
-        tail = _getrandbits(62)  # after the variant bits (0b10)
-        # version 7, the 12-bit counter; variant and 14 random bits; 48 more random bits
-        text = "%s7%03x-%04x-%012x"  # % rather than an f-string: faster here
-        return text % (prefix, counter, 0x8000 | tail >> 48, tail & _LOW_48)
+        version = (0x7000 | counter).to_bytes(2, "big").hex()  # "7" and the counter
+        # The variant bits (0b10), then 62 random bits: "8a3f-0123456789ab".
+        rest = (_VARIANT | _getrandbits(62)).to_bytes(8, "big").hex("-", 6)
+        return f"{prefix}{version}-{rest}"
 
 
 _LOW_48 = 0xFFFFFFFFFFFF
+_VARIANT = 1 << 63
 
 
 def _ms_prefix(ms: int) -> str:
