@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -356,13 +357,14 @@ def test_the_writers_metadata_is_hashed_as_it_is_and_alike() -> None:
     meta.update(seq=1, chain=1, chain_prev=None)
     assert _is_own_form(meta)
     assert record_digest(meta) == _slow_digest(meta)
-    for change in (
+    changes: tuple[Callable[[dict[str, Any]], object], ...] = (
         lambda m: m.update(packed=["request"]),  # a key the form leaves out
         lambda m: m.pop("pod"),  # a field missing: null in the form
         lambda m: m.update(redacted_headers=("authorization",)),  # a tuple: a list there
         lambda m: m["request_body"].update(skipped=True),
         lambda m: m["response_body"].update(unparseable=0),
-    ):
+    )
+    for change in changes:
         other = copy.deepcopy(meta)
         change(other)
         assert not _is_own_form(other)
