@@ -79,9 +79,8 @@ def stored_record(spooled: SpooledRecord) -> StoredRecord:
     """Settle a spooled record: digests computed where the tap and the spool writer left
     them out; bodies left packed (``decode_payload(unpack=False)``) stay packed only."""
     request_packed, response_packed = spooled.request_packed, spooled.response_packed
-    # A packed body is never empty: empty bytes beside packed ones mean "left packed".
-    request = None if request_packed is not None and not spooled.request else spooled.request
-    response = None if response_packed is not None and not spooled.response else spooled.response
+    request = None if _packed_only(spooled.request, request_packed) else spooled.request
+    response = None if _packed_only(spooled.response, response_packed) else spooled.response
     meta = spooled.meta
     if not (_digested(meta.get("request_body")) and _digested(meta.get("response_body"))):
         meta = _with_digests(spooled)
@@ -91,6 +90,12 @@ def stored_record(spooled: SpooledRecord) -> StoredRecord:
     if record.response_body is not None:
         record.response_body.packed = response_packed
     return record
+
+
+def _packed_only(data: bytes, packed: bytes | None) -> bool:
+    """Whether a body was left packed: a packed body is never empty, so empty bytes
+    beside packed ones mean the spool's reader did not unpack it."""
+    return packed is not None and not data
 
 
 def _digested(body: object) -> bool:
@@ -107,7 +112,7 @@ def _with_digests(spooled: SpooledRecord) -> dict[str, Any]:
         ("request_body", spooled.request, spooled.request_packed),
         ("response_body", spooled.response, spooled.response_packed),
     ):
-        packed_only = packed is not None and not data
+        packed_only = _packed_only(data, packed)
         body = meta.get(name)
         if body is None:
             continue
