@@ -13,6 +13,7 @@ from bench.http.report import Report, markdown, targets
 
 COSTS = Costs(
     sha256_ms_per_mb=0.5,
+    scan_ms_per_mb=0.25,
     zstd_ms_per_mb=1.0,
     zstd_ratio=10.0,
     append_cpu_ms_per_mb=0.5,
@@ -23,13 +24,13 @@ COSTS = Costs(
 def test_recording_limit_is_the_smaller_of_the_cpu_and_the_disk_bounds() -> None:
     limit = recording_limit(COSTS, audited_bytes=2_000_000, base_cpu_s=0.002)
     cores = os.cpu_count() or 1
-    assert limit.record_cpu_ms == pytest.approx(2 * (0.5 + 1.0 + 0.5))
-    assert limit.cpu_bound == pytest.approx(cores / (0.002 + 0.004))
+    assert limit.record_cpu_ms == pytest.approx(2 * (0.5 + 0.25 + 1.0 + 0.5))
+    assert limit.cpu_bound == pytest.approx(cores / (0.002 + 0.0045))
     # 2 MB into the spool, then a tenth of it twice (WAL and database file)
     assert limit.disk_bound == pytest.approx(1000 / (2 + 2 * 2 / 10))
     assert limit.exchanges_per_s == min(limit.cpu_bound, limit.disk_bound)
     slow_disk = recording_limit(
-        Costs(0.5, 1.0, 10.0, 0.5, disk_mb_per_s=10.0), 2_000_000, base_cpu_s=0.002
+        Costs(0.5, 0.25, 1.0, 10.0, 0.5, disk_mb_per_s=10.0), 2_000_000, base_cpu_s=0.002
     )
     assert slow_disk.exchanges_per_s == slow_disk.disk_bound < slow_disk.cpu_bound
 

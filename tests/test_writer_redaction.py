@@ -124,3 +124,26 @@ def test_keep_stores_an_unreadable_body_as_it_came(
     (tmp_path / "other").mkdir()
     redacted = record_of(recorders, tmp_path / "other", body)
     assert redacted.request == UNPARSEABLE
+
+
+def test_two_large_bodies_are_redacted_and_packed_side_by_side(
+    recorders: list[SpoolRecorder], tmp_path: Path
+) -> None:
+    """Both bodies of 64 KiB or more: the request's is scanned and packed on the
+    sidekick thread while the writer does the response's; each comes back as it must
+    (the request redacted, the response byte for byte), and the count is right."""
+    lines = [{"sku": f"SKU-{n:06d}", "quantity": n % 7} for n in range(4000)]
+    body = json.dumps({"password": "hunter2", "lines": lines}).encode()
+    response = json.dumps({"lines": lines}).encode() * 2
+    assert min(len(body), len(response)) >= 64 << 10
+    record = record_of(recorders, tmp_path, body, response=response)
+    assert json.loads(record.request) == {"password": "[REDACTED]", "lines": lines}
+    assert record.response == response
+    request, answer = record.meta["request_body"], record.meta["response_body"]
+    assert request["sha256"] == hashlib.sha256(body).hexdigest()
+    assert request["stored_sha256"] == hashlib.sha256(record.request).hexdigest()
+    assert request["redacted"] == ["password"]
+    assert answer["stored_sha256"] == answer["sha256"] == hashlib.sha256(response).hexdigest()
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "spool").rglob("*") if f.is_file())
+    assert on_disk < (len(body) + len(response)) // 4  # both were packed
+    assert recorders[0].bodies_redacted == 1

@@ -1,8 +1,9 @@
 """The machine's recording limit: how many audited exchanges per second it can hash and
 write durably at all, measured on the machine the benchmark runs on.
 
-Every audited byte is copied into the spool (appended, fsync'd in groups), read back by
-the shipper, hashed (SHA-256), compressed (zstd) and written to the store. Those costs
+Every audited byte is scanned for secrets (the redaction policy's prefilter: a JSON body
+is parsed only when it may hold one), copied into the spool (appended, fsync'd in groups),
+read back by the shipper, hashed (SHA-256), compressed (zstd) and written to the store. Those costs
 bound the exchanges/s of any correct recorder, however it is built:
 
 * by CPU: the cores are shared by the server, the load generator, the recorder and the
@@ -27,6 +28,7 @@ from pathlib import Path
 import zstandard
 
 from asgi_audit.recording import packing
+from asgi_audit.recording.redact_body import BodyRedactor
 
 _ROUNDS = 20
 _SPOOL_TOTAL = 256 << 20
@@ -38,6 +40,7 @@ class Costs:
     """Per-MB costs measured here, and the bench body's compression ratio."""
 
     sha256_ms_per_mb: float
+    scan_ms_per_mb: float
     zstd_ms_per_mb: float
     zstd_ratio: float
     append_cpu_ms_per_mb: float
@@ -45,7 +48,8 @@ class Costs:
 
     def describe(self) -> str:
         return (
-            f"SHA-256 {self.sha256_ms_per_mb:.2f} ms/MB; zstd level {packing.LEVEL} "
+            f"SHA-256 {self.sha256_ms_per_mb:.2f} ms/MB; secret scan (default redaction, "
+            f"nothing found) {self.scan_ms_per_mb:.2f} ms/MB; zstd level {packing.LEVEL} "
             f"{self.zstd_ms_per_mb:.2f} ms/MB at ratio {self.zstd_ratio:.1f}; spool append "
             f"{self.append_cpu_ms_per_mb:.2f} ms/MB of CPU; sequential write with fdatasync "
             f"every {_GROUP} appends {self.disk_mb_per_s:.0f} MB/s"
@@ -60,12 +64,17 @@ def measure(body: bytes, directory: Path) -> Costs:
     """Time each recording step on ``body`` (best of a few rounds: the cost, not the
     noise) and the disk's durable write rate in ``directory`` (the spool's file system)."""
     sha = min(_timed(lambda: hashlib.sha256(body).digest()) for _ in range(_ROUNDS))
+    redactor = BodyRedactor()
+    if redactor.redact(body, "application/json") is not None:
+        raise ValueError("the bench body must hold no secret: the limit times the scan alone")
+    scan = min(_timed(lambda: redactor.redact(body, "application/json")) for _ in range(_ROUNDS))
     compressor = zstandard.ZstdCompressor(level=packing.LEVEL, write_content_size=True)
     compressed = compressor.compress(body)
     zstd = min(_timed(lambda: compressor.compress(body)) for _ in range(_ROUNDS))
     cpu, wall = _durable_appends(body, directory)
     return Costs(
         sha256_ms_per_mb=_per_mb(sha, len(body)),
+        scan_ms_per_mb=_per_mb(scan, len(body)),
         zstd_ms_per_mb=_per_mb(zstd, len(body)),
         zstd_ratio=len(body) / len(compressed),
         append_cpu_ms_per_mb=_per_mb(cpu, _SPOOL_TOTAL),
@@ -126,7 +135,14 @@ def recording_limit(costs: Costs, audited_bytes: int, base_cpu_s: float) -> Limi
     seconds an unaudited exchange costs the server and the load generator together."""
     mb = audited_bytes / 1e6
     record_cpu = (
-        mb * (costs.append_cpu_ms_per_mb + costs.sha256_ms_per_mb + costs.zstd_ms_per_mb) / 1e3
+        mb
+        * (
+            costs.append_cpu_ms_per_mb
+            + costs.scan_ms_per_mb
+            + costs.sha256_ms_per_mb
+            + costs.zstd_ms_per_mb
+        )
+        / 1e3
     )
     cores = os.cpu_count() or 1
     cpu_bound = cores / (base_cpu_s + record_cpu)

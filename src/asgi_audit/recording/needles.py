@@ -58,10 +58,10 @@ class Prefilter:
     is?" (a yes only means the body must be looked at closely).
 
     ``needles`` are folded already (lower case, none of :data:`FOLD_DELETED`). Thread-safe:
-    a Hyperscan database has one scratch space, so scans take turns (the writer thread
-    is the only caller in practice, so the lock is never contended)."""
+    each thread scans with a scratch space of its own (the writer scans a record's two
+    large bodies on two threads at once)."""
 
-    __slots__ = ("_database", "_lock", "_terminated", "needles", "shapes")
+    __slots__ = ("_database", "_hyperscan", "_local", "_terminated", "needles", "shapes")
 
     def __init__(
         self, needles: Iterable[bytes], shapes: Sequence[Shape] = (), *, accelerate: bool = True
@@ -71,10 +71,10 @@ class Prefilter:
         for needle in self.needles:
             if not needle or needle != needle.translate(FOLD, FOLD_DELETED):
                 raise ValueError(f"needle {needle!r} is empty or not folded")
-        self._lock = threading.Lock()
+        self._local = threading.local()
         self._database: Any | None = None
         self._terminated: type[BaseException] = _NeverRaised
-        hyperscan = _hyperscan() if accelerate else None
+        hyperscan = self._hyperscan = _hyperscan() if accelerate else None
         expressions = [_folded_pattern(needle) for needle in self.needles]
         flags = [hyperscan.HS_FLAG_CASELESS] * len(expressions) if hyperscan else []
         expressions += [expression for expression, _ in self.shapes]
@@ -112,6 +112,11 @@ class Prefilter:
 
         # The handler stops the scan at the first match, which Hyperscan reports by
         # raising ScanTerminated.
-        with self._lock, contextlib.suppress(self._terminated):
-            database.scan(body, match_event_handler=matched)
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            hyperscan = self._hyperscan
+            assert hyperscan is not None  # it compiled the database
+            scratch = self._local.scratch = hyperscan.Scratch(database)
+        with contextlib.suppress(self._terminated):
+            database.scan(body, match_event_handler=matched, scratch=scratch)
         return bool(found)

@@ -96,7 +96,10 @@ TAKE_RECORDS = 256
 current one: kept to a few milliseconds of work (~10 ms of small records), the wait at
 saturation is that, not the time to write a whole queue of them (~0.5 s for 10,000)."""
 INLINE_HASH = 64 << 10
-"""Bodies smaller than this are hashed on the writer thread itself, not the hasher's."""
+"""Bodies smaller than this are hashed (and packed) on the writer thread itself, not by
+the hasher's threads."""
+HASHER_THREADS = 2
+"""A large body's digest and its compression, each on its own thread."""
 PACK_IN_WRITER = 4 << 10
 """Bodies smaller than this are left unpacked in the spool (the sink packs them)."""
 REDACT_LIMIT = 8 << 20
@@ -200,6 +203,7 @@ class SpoolRecorder:
         self._body_log = _FailureLog("reading a spilled body", "its record is written without it")
         self._writer: SegmentWriter | None = None
         self._hasher: ThreadPoolExecutor | None = None
+        self._sidekick: ThreadPoolExecutor | None = None
         self._starting = threading.Lock()
         self._reset()
         after_fork(self._after_fork)
@@ -356,9 +360,13 @@ class SpoolRecorder:
     def _run(self) -> None:
         self._hook(self._on_start, "start")
         last_sync = last_tick = time.monotonic()
-        # Hashing a body runs beside its compression (both without the GIL): the writer
-        # is one thread, and doing both in turn made it the pipeline's slowest stage.
-        hasher = self._hasher = ThreadPoolExecutor(1, thread_name_prefix="asgi-audit-hasher")
+        # A large body's digest and compression run beside its redaction scan (all
+        # three without the GIL): the writer is one thread, and doing them in turn made
+        # it the pipeline's slowest stage.
+        hasher = self._hasher = ThreadPoolExecutor(
+            HASHER_THREADS, thread_name_prefix="asgi-audit-hasher"
+        )
+        self._sidekick = ThreadPoolExecutor(1, thread_name_prefix="asgi-audit-sidekick")
         try:
             while True:
                 batch, closing = self._next_batch()
@@ -391,6 +399,8 @@ class SpoolRecorder:
             logger.error("asgi-audit: the spool writer stopped", exc_info=True)
         finally:
             hasher.shutdown(wait=True)
+            self._sidekick.shutdown(wait=True)
+            self._sidekick = None
             self._finish()
 
     def _next_batch(self) -> tuple[list[Exchange], bool]:
@@ -824,12 +834,44 @@ class SpoolRecorder:
             meta = self._draft(shown, seq, about=about)
             return _Large.checked(exchange, shown, seq, meta, request, response)
         packed: list[str] = []
+        packed_response: list[str] = []
         about = {}
-        request_chunks = self._pack(
-            request, "request", shown.request_headers, packed, about, large, checked
-        )
+        about_response: dict[str, dict[str, Any]] = {}
+        sidekick = self._sidekick
+        beside = None
+        if sidekick is not None and min(request_size, response_size) >= INLINE_HASH:
+            # Two large bodies: the request's is read, scanned and packed on the
+            # sidekick thread while this one does the response's (without the GIL, both).
+            beside = sidekick.submit(
+                self._pack,
+                request,
+                "request",
+                shown.request_headers,
+                packed,
+                about,
+                large,
+                checked,
+            )
+            request_chunks: list[bytes] = []
+        else:
+            request_chunks = self._pack(
+                request, "request", shown.request_headers, packed, about, large, checked
+            )
         response_chunks = self._pack(
-            response, "response", shown.response_headers, packed, about, large, checked
+            response,
+            "response",
+            shown.response_headers,
+            packed_response,
+            about_response,
+            large,
+            checked,
+        )
+        if beside is not None:
+            request_chunks = beside.result()
+        packed += packed_response
+        about.update(about_response)
+        self.bodies_redacted += sum(
+            1 for entry in about.values() if "redacted" in entry or entry.get("unparseable")
         )
         meta = self._draft(shown, seq, packed, about)
         return _Small(exchange, seq, carried, meta, request_chunks, response_chunks)
@@ -917,7 +959,6 @@ class SpoolRecorder:
             if body.known_sha256() is None:
                 entry["sha256"] = body.sha256()
             entry.update(unparseable=True, stored_sha256=_sha256(UNPARSEABLE))
-            self.bodies_redacted += 1
             return [UNPARSEABLE]
         chunks = list(_read_body(body, name))
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -926,20 +967,27 @@ class SpoolRecorder:
         found = body.known_sha256()
         # Small bodies are hashed here: handing 1 kB to the hasher thread costs more (a
         # queue, a wake-up, GIL hand-offs) than hashing it.
-        received = None if found or len(data) < INLINE_HASH else hasher.submit(_sha256, data)
+        large_data = len(data) >= INLINE_HASH
+        received = hasher.submit(_sha256, data) if large_data and not found else None
+        # A large body is packed beside its redaction scan, as if nothing were found
+        # (nearly always so): the scan, the digest and the compression, all without the
+        # GIL, then take the longest of them rather than their sum.
+        guessed = hasher.submit(packing.pack, data) if large_data else None
         stored = data
         redaction = self._redact(data, headers)
         if redaction is not None:
             stored = redaction.data
             entry.update(redacted=redaction.paths, unparseable=redaction.unparseable)
-            self.bodies_redacted += 1
         own = redaction is not None or body.truncated  # stored differs from received
         big = len(stored) >= INLINE_HASH
         stored_digest = hasher.submit(_sha256, stored) if own and big else None
         # Small bodies are not packed here: the shipper's process packs them for the sink
         # (``kept_bytes``), off the app's GIL; a zstd frame for 1 kB would save the spool
         # little and cost the writer a call per body.
-        small = packing.pack(stored) if len(stored) >= PACK_IN_WRITER else None
+        if guessed is not None and stored is data:
+            small = guessed.result()
+        else:
+            small = packing.pack(stored) if len(stored) >= PACK_IN_WRITER else None
         digest = found or (received.result() if received is not None else _sha256(data))
         if found is None:
             entry["sha256"] = digest
