@@ -3,8 +3,8 @@
 May import every other room; nothing imports it (the shipper child runs it as a command).
 """
 
-from . import browse, operate, verify
+from . import browse, operate, replay, verify
 from .main import main
 
 __all__ = ["main"]
-del browse, operate, verify  # imported for the commands they register on ``main``
+del browse, operate, replay, verify  # imported for the commands they register on ``main``

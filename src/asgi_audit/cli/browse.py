@@ -11,13 +11,16 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
 import click
 import orjson
 
 from ..sinks.record import HeaderList, StoredBody, StoredRecord
-from .exports import jsonl_line, open_private
+from .curl import write_curl
+from .exports import open_private, write_jsonl
+from .har import write_har
 from .main import filters, line_of, main, make_query, opened_sink, sink_option, size_text
 from .terminal import (
     is_terminal,
@@ -182,8 +185,16 @@ def tail(
 @main.command()
 @sink_option
 @filters
-@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
-@click.option("--bodies", is_flag=True, help="Include bodies (UTF-8 text or base64).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "har", "curl"]),
+    default="jsonl",
+    show_default=True,
+    help="jsonl: one JSON object per record; har: HAR 1.2 (bodies always); curl: one "
+    "command line per request that sends it again (secrets as $VARIABLES).",
+)
+@click.option("--bodies", is_flag=True, help="jsonl: include bodies (UTF-8 text or base64).")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many records.")
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False, writable=True), help="File instead of stdout."
@@ -191,9 +202,10 @@ def tail(
 def export(
     sink: str, fmt: str, bodies: bool, limit: int | None, output: str | None, **options: Any
 ) -> None:
-    """Export records, oldest first, one JSON object per line (-o: a file only you can
-    read)."""
-    query = make_query(limit=limit, newest_first=False, with_bodies=bodies, **options)
+    """Export records, oldest first, as JSON Lines, HAR 1.2 or curl command lines (-o: a
+    file only you can read)."""
+    with_bodies = bodies or fmt != "jsonl"
+    query = make_query(limit=limit, newest_first=False, with_bodies=with_bodies, **options)
     with opened_sink(sink) as opened:
         total = opened.count() if limit is None else limit
         if output:
@@ -205,20 +217,36 @@ def export(
                 ) from exc
         else:
             out = sys.stdout.buffer
-        show_progress = sys.stderr.isatty()
+        progress = _Progress(total) if sys.stderr.isatty() else None
+        records = opened.search(query)
+        if progress is not None:
+            records = progress.counting(records)
         try:
-            written = 0
-            for record in opened.search(query):
-                out.write(jsonl_line(record, bodies=bodies))
-                written += 1
-                if show_progress and written % 100 == 0:
-                    click.echo(f"\rexported {written:,} of about {total:,}", err=True, nl=False)
+            if fmt == "har":
+                written = write_har(records, out)
+            elif fmt == "curl":
+                written = write_curl(records, out)
+            else:
+                written = write_jsonl(records, out, bodies=bodies)
             out.flush()
         finally:
             if output:
                 out.close()
-        if show_progress:
+        if progress is not None:
             click.echo(f"\rexported {written:,} records" + " " * 20, err=True)
+
+
+class _Progress:
+    """A count on standard error every 100 records, for exports of a large store."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def counting(self, records: Iterable[StoredRecord]) -> Iterator[StoredRecord]:
+        for done, record in enumerate(records, 1):
+            yield record
+            if done % 100 == 0:
+                click.echo(f"\rexported {done:,} of about {self.total:,}", err=True, nl=False)
 
 
 @main.command()

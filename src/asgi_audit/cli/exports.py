@@ -18,6 +18,7 @@ import base64
 import json
 import os
 import stat
+from collections.abc import Iterable
 from typing import Any, BinaryIO
 
 import orjson
@@ -103,14 +104,28 @@ def jsonl_line(record: StoredRecord, *, bodies: bool = False) -> bytes:
 
     A lone surrogate (which a sink may hand back, and orjson refuses) is escaped by
     :mod:`json` instead, rather than failing the whole export at that record."""
-    document = public_dict(record, bodies=bodies)
+    return printable_json_bytes(public_dict(record, bodies=bodies)) + b"\n"
+
+
+def write_jsonl(records: Iterable[StoredRecord], out: BinaryIO, *, bodies: bool) -> int:
+    """Write one :func:`jsonl_line` per record to ``out``; returns how many."""
+    written = 0
+    for record in records:
+        out.write(jsonl_line(record, bodies=bodies))
+        written += 1
+    return written
+
+
+def printable_json_bytes(document: Any) -> bytes:
+    """``document`` as compact JSON (UTF-8), safe to print: what :func:`jsonl_line` and the
+    HAR export write. A lone surrogate, which orjson refuses, is escaped by :mod:`json`."""
     try:
-        line = orjson.dumps(document)
+        text = orjson.dumps(document)
     except orjson.JSONEncodeError:
-        line = json.dumps(document, separators=(",", ":")).encode("ascii")
-    if line.isascii() and b"\x7f" not in line:  # the usual case, with nothing to escape
-        return line + b"\n"
-    return printable_json(line.decode("utf-8")).encode("utf-8") + b"\n"
+        text = json.dumps(document, separators=(",", ":")).encode("ascii")
+    if text.isascii() and b"\x7f" not in text:  # the usual case, with nothing to escape
+        return text
+    return printable_json(text.decode("utf-8")).encode("utf-8")
 
 
 def open_private(path: str) -> BinaryIO:
