@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from asgi_audit.recording import needles
 from asgi_audit.recording.needles import Prefilter
-from asgi_audit.recording.redact_body import _VALUE_SHAPES_FOUND, BodyRedactor
+from asgi_audit.recording.redact_body import _ASCII_ESCAPE_FOUND, _VALUE_SHAPES_FOUND, BodyRedactor
 
 pytestmark = pytest.mark.skipif(
     not needles.accelerated(), reason="hyperscan has no wheel for this platform"
@@ -41,13 +41,17 @@ def test_names_are_found_however_they_are_spelt() -> None:
     assert not fast.found_in(b"")
 
 
-def test_card_shapes_and_escapes_are_found() -> None:
-    fast = Prefilter((), _VALUE_SHAPES_FOUND)
+@pytest.mark.parametrize("accelerate", [True, False])
+def test_card_shapes_and_escapes_are_found(accelerate: bool) -> None:
+    fast = Prefilter((), (*_ASCII_ESCAPE_FOUND, *_VALUE_SHAPES_FOUND), accelerate=accelerate)
     assert fast.found_in(b'{"n": "4111 1111 1111 1111"}')
     assert fast.found_in(b"4111111111111")
     assert fast.found_in(b'{"x": "\\u0041"}')
+    assert fast.found_in(b'{"x": "\\u007A"}')
     assert fast.found_in(b'{"t": "eyJhbGciOi"}')
     assert not fast.found_in(b'{"price": 12.4111111111111111, "date": "2026-12-01"}')
+    # escapes of letters beyond ASCII spell no ASCII name, digit or JWT
+    assert not fast.found_in(b'{"name": "Zo\\u00eb", "ok": "\\u2713", "e": "\\ud83d\\ude00"}')
 
 
 def test_needles_must_be_folded() -> None:

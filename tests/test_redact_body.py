@@ -373,6 +373,31 @@ def test_the_byte_prefilter_never_hides_a_secret(body: bytes, found: list[str]) 
     assert result is not None and result.paths == found
 
 
+def test_escaped_accents_alone_do_not_make_a_body_parsed() -> None:
+    """Python's json.dumps escapes every non-ASCII character by default: such a body,
+    without secrets, is not parsed for its escapes (it is left malformed here, so that a
+    parse would show as the unparseable marker)."""
+    body = b'{"name": "Zo\\u00eb \\u00c5ngstr\\u00f6m", "mark": "\\u2713", "cut": '
+    assert BodyRedactor().redact(body, JSON) is None
+    assert BodyRedactor().redact(body + b'"\\u0041"', JSON) is not None  # an ASCII one is
+
+
+def test_names_with_other_letters_are_found_escaped_too() -> None:
+    """A name given with letters beyond ASCII: any escape may spell it."""
+    redactor = BodyRedactor(fields=["**.pässwort"])
+    result = redactor.redact(b'{"p\\u00e4sswort": "geheim"}', JSON)
+    assert result is not None and result.paths == ["pässwort"]
+
+
+def test_names_compare_in_ascii_lower_case_only() -> None:
+    """As the byte prefilter folds them: a Kelvin sign is not a K, so ``to\u212aen`` is
+    not ``token``, whether or not something else in the body makes it parsed."""
+    kelvin = '{"to\u212aen": "x"}'.encode()
+    assert BodyRedactor().redact(kelvin, JSON) is None
+    parsed = BodyRedactor().redact(kelvin[:-1] + b', "token": "y"}', JSON)
+    assert parsed is not None and parsed.paths == ["token"]
+
+
 def test_a_body_no_rule_can_match_is_not_parsed() -> None:
     """Digits inside a text or a float's fraction, short names inside words: nothing to
     parse for."""
