@@ -3,6 +3,7 @@ service into durable, tamper-evident audit storage, without slowing the service 
 
 from __future__ import annotations
 
+from ._version import __version__ as __version__
 from .capture.levels import Level
 from .capture.markers import audited
 from .capture.middleware import AuditMiddleware
@@ -10,8 +11,6 @@ from .capture.policy import Policy, Rule, make_rule
 from .capture.record import Body, Exchange
 from .errors import AuditError, ConfigError
 from .recording.handoff import MemoryRecorder, Recorder
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AuditError",

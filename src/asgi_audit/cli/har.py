@@ -37,7 +37,7 @@ from http import HTTPStatus
 from typing import Any, BinaryIO
 from urllib.parse import parse_qsl, quote
 
-from .. import __version__
+from .._version import __version__
 from ..sinks.record import HeaderList, StoredBody, StoredRecord
 from .exports import iso, printable_json_bytes
 

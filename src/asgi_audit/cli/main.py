@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from .. import __version__
+from .._version import __version__
 from ..capture.policy import StatusRange
 from ..capture.settings import DEFAULT_SPOOL
 from ..errors import AuditError, SinkError
