@@ -59,7 +59,8 @@ class AuditMiddleware:
     """Record the raw request and response bodies of selected routes.
 
     With no arguments every HTTP exchange is audited at ``RequestResponse``, configured
-    further by ``ASGI_AUDIT_*`` environment variables. ``routes`` (templates or globs),
+    further by ``ASGI_AUDIT_*`` environment variables and a TOML file (``config`` or
+    ``ASGI_AUDIT_CONFIG``). ``routes`` (templates or globs),
     ``methods`` and ``exclude`` narrow it; ``rules`` gives a full ordered policy instead.
     """
 
@@ -98,6 +99,7 @@ class AuditMiddleware:
         redact_unparseable: str | None = None,
         signing_key: str | os.PathLike[str] | None = None,
         checkpoint_interval: float | None = None,
+        config: str | os.PathLike[str] | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.app = app
@@ -132,6 +134,7 @@ class AuditMiddleware:
             "redact_unparseable": redact_unparseable,
             "signing_key": signing_key,
             "checkpoint_interval": checkpoint_interval,
+            "config": config,
         }
         # The hand-off to the durable path: a sink URL is checked by its own kind of
         # sink (the registry), and the recorder built, without importing any sink here.

@@ -1,9 +1,10 @@
-"""Settings from keyword arguments and ``ASGI_AUDIT_*`` environment variables.
+"""Settings from keyword arguments, ``ASGI_AUDIT_*`` environment variables and a TOML file.
 
-Arguments win over the environment. Every value is validated here, once, at construction:
-a mistake fails with a :class:`ConfigError` naming the parameter (or variable), what was
-expected and what arrived. Unknown ``ASGI_AUDIT_*`` variables are errors too, since a typo
-in a deployment manifest would otherwise silently change what is audited.
+Arguments win over the environment, which wins over the file (:mod:`.config_file`).
+Every value is validated here, once, at construction: a mistake fails with a
+:class:`ConfigError` naming the parameter (or variable), what was expected and what
+arrived. Unknown ``ASGI_AUDIT_*`` variables (and unknown keys in the file) are errors too,
+since a typo in a deployment manifest would otherwise silently change what is audited.
 
 The sink URL's form is checked by a hook the caller passes (the sinks' registry, reached
 through the durable path), so that this room never imports a sink.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from ..errors import ConfigError
+from .config_file import read_config_file
 from .levels import Level
 from .policy import Policy, Rule, make_rule
 from .tap import OverLimit
@@ -61,6 +63,18 @@ SinkCheck = Callable[[object, str], str]
 
 ENV_PREFIX = "ASGI_AUDIT_"
 
+POLICY_KEYS = (
+    "rules",
+    "routes",
+    "methods",
+    "exclude",
+    "level",
+    "statuses",
+    "otherwise",
+    "sample",
+)
+"""The settings that make up the policy, replaced together by a higher source."""
+
 DEFAULT_MEMORY_LIMIT = 4 << 20
 DEFAULT_BODY_LIMIT = 64 << 20
 
@@ -94,6 +108,7 @@ _ENV_KEYS = {
     "redact_unparseable": "REDACT_UNPARSEABLE",
     "signing_key": "SIGNING_KEY",
     "checkpoint_interval": "CHECKPOINT_INTERVAL",
+    "config": "CONFIG",
 }
 _LIST_KEYS = frozenset(
     {"routes", "methods", "exclude", "statuses", "redact_headers", "redact_query", "redact_fields"}
@@ -159,10 +174,24 @@ def load_settings(
     environ: Mapping[str, str],
     check_sink: SinkCheck,
 ) -> Settings:
-    """Merge ``arguments`` (None means "not given") over the environment and validate;
-    ``check_sink`` checks the sink URL (the sinks' registry, passed in by the caller)."""
-    merged = _from_environment(environ)
-    merged.update({k: v for k, v in arguments.items() if v is not None})
+    """Merge ``arguments`` (None means "not given") over the environment over the
+    configuration file (``config``, or ``ASGI_AUDIT_CONFIG``) and validate; ``check_sink``
+    checks the sink URL (the sinks' registry, passed in by the caller).
+
+    The policy is one setting: a source that says anything of it (``rules``, ``routes``,
+    ``methods``, ``exclude``, ``level``, ``statuses``, ``otherwise``, ``sample``) replaces
+    what the sources below it said of it, rather than mixing with it."""
+    environment = _from_environment(environ)
+    given = {k: v for k, v in arguments.items() if v is not None}
+    path = given.pop("config", None) or environment.pop("config", None)
+    environment.pop("config", None)
+    layers = [read_config_file(path, _ENV_KEYS) if path else {}, environment, given]
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if any(key in layer for key in POLICY_KEYS):
+            for key in POLICY_KEYS:
+                merged.pop(key, None)
+        merged.update(layer)
     rules = merged.pop("rules", None)
     spool = os.fspath(merged.get("spool", DEFAULT_SPOOL))
     return Settings(

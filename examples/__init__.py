@@ -1,0 +1,1 @@
+"""Example apps for ``asgi-audit run`` (``asgi-audit run examples.shop:app``)."""
