@@ -70,8 +70,10 @@ class ExchangeCapture:
         "_receive",
         "_send",
         "active",
+        "closed_while_finishing",
         "disconnected",
         "error",
+        "finishing",
         "level",
         "mw",
         "path",
@@ -127,6 +129,14 @@ class ExchangeCapture:
         self.response_trailers: Headers = []
         self.response_started: int | None = None
         self.response_complete = False
+        self.finishing = False
+        """The response's last message is being sent: a disconnect seen meanwhile is its
+        consequence (HTTP/2 servers such as hypercorn close the stream, and tell the app,
+        while that send is in progress), not a client leaving early."""
+        self.closed_while_finishing = False
+        """Such a disconnect came: if the app's task is then cancelled inside that send
+        (Starlette's streaming response stops on a disconnect), the server had the last
+        message already, and the response counts as complete."""
         self.request_complete = False
         self.disconnected = False
         self.error: BaseException | None = None
@@ -156,7 +166,10 @@ class ExchangeCapture:
                     if not message.get("more_body", False):
                         self.request_complete = True
                 elif kind == "http.disconnect" and not self.response_complete:
-                    self.disconnected = True
+                    if self.finishing:
+                        self.closed_while_finishing = True
+                    else:
+                        self.disconnected = True
             except Exception:
                 self._abandon()
         return message
@@ -187,11 +200,16 @@ class ExchangeCapture:
                         await self.mw.recorder.room()
                     except Exception:
                         pass
+        self.finishing = completes
         try:
             await self._send(message)
         except OSError:
             if not self.response_complete:
                 self.disconnected = True
+            raise
+        except asyncio.CancelledError:
+            if self.closed_while_finishing and self.active:
+                self.response_complete = True
             raise
         if completes and self.active:
             self.response_complete = True
