@@ -18,11 +18,12 @@ import enum
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from .._forks import after_fork
 from .._types import ASGIApp, Message, Receive, Scope, Send
+from ..errors import ConfigError
 from ..recording.handoff import Recorder
 from .exchange_capture import ExchangeCapture
 from .levels import Level
@@ -100,6 +101,8 @@ class AuditMiddleware:
         signing_key: str | os.PathLike[str] | None = None,
         checkpoint_interval: float | None = None,
         config: str | os.PathLike[str] | None = None,
+        metrics_port: int | str | None = None,
+        trace_events: bool | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.app = app
@@ -135,6 +138,8 @@ class AuditMiddleware:
             "signing_key": signing_key,
             "checkpoint_interval": checkpoint_interval,
             "config": config,
+            "metrics_port": metrics_port,
+            "trace_events": trace_events,
         }
         # The hand-off to the durable path: a sink URL is checked by its own kind of
         # sink (the registry), and the recorder built, without importing any sink here.
@@ -144,6 +149,9 @@ class AuditMiddleware:
             arguments, os.environ if environ is None else environ, check_sink_url
         )
         self.policy: Policy = self.settings.policy
+        self._trace: Callable[[Exchange], None] | None = (
+            span_event() if self.settings.trace_events else None
+        )
         if self.policy.templates():
             check_routes(self.policy, declared_templates(app))
         if recorder is not None:
@@ -155,7 +163,9 @@ class AuditMiddleware:
                 )
         self._durable: Delivery | None = None
         if recorder is None:
-            self._durable = Delivery(self.settings, lambda: self.identity().stream)
+            self._durable = Delivery(
+                self.settings, lambda: self.identity().stream, extra_stats=self._counters
+            )
             recorder = self._durable
         self.recorder: Recorder = recorder
         self.blocks = self.settings.overflow == "block"
@@ -203,16 +213,22 @@ class AuditMiddleware:
             capture.error = exc
             exchange = capture.finish()
             if exchange is not None:
+                if self._trace is not None:
+                    self._trace(exchange)
                 await self.hand_off(exchange)
             raise
         except BaseException as exc:  # cancelled: hand off without waiting
             capture.error = exc
             exchange = capture.finish()
             if exchange is not None:
+                if self._trace is not None:
+                    self._trace(exchange)
                 self.hand_off_now(exchange)
             raise
         else:
             exchange = capture.finish()
+            if exchange is not None and self._trace is not None:
+                self._trace(exchange)
             # The recorder nearly always has room: only a full one needs a coroutine.
             if exchange is not None and self.offer(exchange) is None:
                 await self.submit_when_room(exchange)
@@ -248,6 +264,10 @@ class AuditMiddleware:
             await asyncio.to_thread(self.recorder.shutdown, remaining)
         except Exception:
             logger.warning("asgi-audit: shutdown drain failed", exc_info=True)
+
+    def _counters(self) -> dict[str, float]:
+        """What the writer publishes of the middleware's own counts, for ``/metrics``."""
+        return {"overflow_dropped": self.dropped, "failures": self.failures}
 
     def identity(self) -> Identity:
         """This process's identity, computed once (and again in a forked child, so that
@@ -333,3 +353,34 @@ class AuditMiddleware:
         self.warn_once(
             "recorder", "asgi-audit: the recorder raised; exchanges are being lost", exc_info=True
         )
+
+
+def span_event() -> Callable[[Exchange], None]:
+    """``trace_events``: a function adding an ``asgi_audit.exchange`` event (the record's
+    id, level, outcome and body sizes) to the OpenTelemetry span current when an exchange
+    ends (the server span of OpenTelemetry's ASGI instrumentation, when it wraps the
+    app): a trace then leads to its audit record. opentelemetry-api is imported here,
+    once, when the setting is on."""
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        raise ConfigError(
+            "trace_events", "needs opentelemetry-api (pip install opentelemetry-api)"
+        ) from None
+    current = trace.get_current_span
+
+    def add(exchange: Exchange) -> None:
+        span = current()
+        if span.is_recording():
+            span.add_event(
+                "asgi_audit.exchange",
+                {
+                    "asgi_audit.record_id": exchange.id,
+                    "asgi_audit.level": exchange.level.word,
+                    "asgi_audit.outcome": exchange.outcome,
+                    "asgi_audit.request_body.size": exchange.request_size,
+                    "asgi_audit.response_body.size": exchange.response_size,
+                },
+            )
+
+    return add

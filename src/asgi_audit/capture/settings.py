@@ -109,6 +109,8 @@ _ENV_KEYS = {
     "signing_key": "SIGNING_KEY",
     "checkpoint_interval": "CHECKPOINT_INTERVAL",
     "config": "CONFIG",
+    "metrics_port": "METRICS_PORT",
+    "trace_events": "TRACE_EVENTS",
 }
 _LIST_KEYS = frozenset(
     {"routes", "methods", "exclude", "statuses", "redact_headers", "redact_query", "redact_fields"}
@@ -167,6 +169,11 @@ class Settings:
     """The Ed25519 private key that signs checkpoints: a PEM file's path, or PEM text
     (never shown)."""
     checkpoint_interval: float = 60.0
+    metrics_address: tuple[str, int] | None = None
+    """Where the shipper serves ``/metrics`` (``metrics_port``: ``PORT`` or ``HOST:PORT``);
+    None: not served."""
+    trace_events: bool = False
+    """Add an event to the current OpenTelemetry span for each audited exchange."""
 
 
 def load_settings(
@@ -235,7 +242,25 @@ def load_settings(
         ),
         signing_key=_signing_key(merged.get("signing_key")),
         checkpoint_interval=_interval(merged.get("checkpoint_interval", 60.0)),
+        metrics_address=(
+            None if merged.get("metrics_port") is None else metrics_address(merged["metrics_port"])
+        ),
+        trace_events=_flag(merged.get("trace_events", False), "trace_events"),
     )
+
+
+def metrics_address(value: object) -> tuple[str, int]:
+    """``PORT`` (every address) or ``HOST:PORT``, as ``metrics_port`` /
+    ``ASGI_AUDIT_METRICS_PORT`` give it."""
+    text = str(value).strip()
+    host, _, port = text.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if isinstance(value, bool) or not 0 < number < 65536:
+        raise ConfigError("metrics_port", f"expected a port or HOST:PORT (got {text!r:.60})")
+    return (host.strip("[]") or "0.0.0.0"), number
 
 
 def _redacted_headers(value: Any, defaults: Any) -> tuple[str, ...]:

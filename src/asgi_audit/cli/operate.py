@@ -10,6 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import click
 
+from ..capture.settings import metrics_address
 from ..errors import AuditError
 from ..recording.chain import RETENTION_STREAM, retention_marker
 from ..recording.signing import load_signer
@@ -127,6 +128,12 @@ def spool_retry(spool: str, sink: str, ids: tuple[str, ...]) -> None:
     help="On SIGTERM, keep delivering this long before exiting.",
 )
 @click.option(
+    "--metrics-port",
+    envvar="ASGI_AUDIT_METRICS_PORT",
+    help="Serve Prometheus /metrics of the spool on PORT or HOST:PORT; env "
+    "ASGI_AUDIT_METRICS_PORT.",
+)
+@click.option(
     "--child-of",
     type=int,
     hidden=True,
@@ -139,6 +146,7 @@ def ship(
     once: bool,
     keep_delivered: bool,
     drain_seconds: float,
+    metrics_port: str | None,
     child_of: int | None,
 ) -> None:
     """Deliver a spool to a sink (a sidecar sharing the spool volume)."""
@@ -151,6 +159,7 @@ def ship(
     Path(spool).mkdir(parents=True, exist_ok=True)
     try:  # the URL's form now; opening the sink is retried by serve() while it fails
         check_sink_url(sink, "--sink")
+        metrics = None if not metrics_port else metrics_address(metrics_port)
     except AuditError as exc:
         raise click.ClickException(str(exc)) from exc
     code = serve(
@@ -161,6 +170,7 @@ def ship(
         once=once,
         stop_on_eof=child_of is not None,
         keep_delivered=keep_delivered,
+        metrics=metrics,
     )
     if code:
         raise SystemExit(code)

@@ -55,7 +55,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +67,7 @@ from .._forks import after_fork
 from ..capture.record import Body, Exchange
 from ..capture.settings import DEFAULT_SECRET_HEADERS, FsyncPolicy, Overflow
 from ..errors import RecorderClosed, SpoolError
-from . import packing
+from . import packing, stats
 from .chain import StreamChain
 from .frames import (
     CHECKPOINT,
@@ -112,6 +112,8 @@ most."""
 SUMMARY_SECONDS = 60.0
 """A failure that goes on is summed up in the log at most this often."""
 BODIES = ("request", "response")
+STATS_SECONDS = 1.0
+"""How often the writer publishes its counters for the shipper's ``/metrics``."""
 
 FramedRecord = tuple[bytes, list[bytes], list[bytes]]
 """One record ready for a frame: encoded metadata, request chunks, response chunks."""
@@ -153,6 +155,7 @@ class SpoolRecorder:
         on_tick: Hook | None = None,
         tick_seconds: float = 5.0,
         retry_seconds: float = 1.0,
+        extra_stats: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
         self.root = Path(spool)
         self.service = service
@@ -196,6 +199,15 @@ class SpoolRecorder:
         """Bodies left out of their record because their bytes could not be read."""
         self.callback_errors = 0
         """``on_written`` callbacks that raised."""
+        self.body_bytes = 0
+        """Bytes of the bodies of the records written (as received, before truncation)."""
+        self.batches = 0
+        self.batch_records = 0
+        self.batch_seconds = 0.0
+        """Takes of the queue written, the exchanges in them, the seconds they took."""
+        self._extra_stats = extra_stats
+        """More counters to publish (the middleware's: exchanges dropped, failures)."""
+        self._stats_at = 0.0
         self._write_log = _FailureLog("spool write", "retrying with backoff")
         self._sync_log = _FailureLog(
             "spool sync", "writing the unsynced records again to a new segment"
@@ -372,7 +384,11 @@ class SpoolRecorder:
                 batch, closing = self._next_batch()
                 if batch:
                     self._unacknowledged += len(batch)
+                    started = time.perf_counter()
                     self._record(batch)
+                    self.batches += 1
+                    self.batch_records += len(batch)
+                    self.batch_seconds += time.perf_counter() - started
                 now = time.monotonic()
                 if self._writer is not None and (
                     closing or now - self._checkpoint_at >= self.checkpoint_interval
@@ -386,6 +402,9 @@ class SpoolRecorder:
                 if self._on_tick is not None and now - last_tick >= self.tick_seconds:
                     last_tick = now
                     self._hook(self._on_tick, "periodic check")
+                if now - self._stats_at >= STATS_SECONDS:
+                    self._stats_at = now
+                    self._publish_stats()
                 if closing:
                     break
         except _GiveUp:
@@ -402,6 +421,34 @@ class SpoolRecorder:
             self._sidekick.shutdown(wait=True)
             self._sidekick = None
             self._finish()
+
+    def stats(self) -> dict[str, float]:
+        """The counters and gauges the shipper's ``/metrics`` sums (:mod:`.stats`)."""
+        values: dict[str, float] = {
+            "written": self.written,
+            "body_bytes": self.body_bytes,
+            "dropped": self.dropped,
+            "lost": self.lost,
+            "errors": self.errors,
+            "bodies_redacted": self.bodies_redacted,
+            "batches": self.batches,
+            "batch_records": self.batch_records,
+            "batch_seconds": self.batch_seconds,
+            "queue_records": len(self._queue),
+            "queue_bytes": self._bytes,
+        }
+        if self._extra_stats is not None:
+            with contextlib.suppress(Exception):
+                values.update(self._extra_stats())
+        return values
+
+    def _publish_stats(self) -> None:
+        """Replace the stream's ``stats.json`` (nothing before the stream is open)."""
+        writer = self._writer
+        if writer is None:
+            return
+        with contextlib.suppress(OSError):  # the next second tries again
+            stats.publish(writer.directory, self.stats())
 
     def _next_batch(self) -> tuple[list[Exchange], bool]:
         """What is queued (after waiting up to ``interval`` for something to do), and
@@ -426,6 +473,7 @@ class SpoolRecorder:
     def _finish(self) -> None:
         """The thread ends (shut down, gave up at the shutdown deadline, or failed): every
         exchange it still holds is settled, and the stream released."""
+        self._publish_stats()
         writer, self._writer = self._writer, None
         pending, self._pending = self._pending, []
         kept = not self._suspect
@@ -610,6 +658,7 @@ class SpoolRecorder:
                 written, taken = self._append_small(writer, run), len(run)
             del records[:taken]
             self.written += len(written.exchanges)
+            self.body_bytes += sum(e.request_size + e.response_size for e in written.exchanges)
             self._hold(written)
 
     def _hold(self, written: _Written) -> None:

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .._forks import after_fork
@@ -46,7 +46,12 @@ __all__ = ["Delivery", "check_sink_url"]
 class Delivery:
     """The durable :class:`Recorder`: a :class:`SpoolRecorder` and its shipper."""
 
-    def __init__(self, settings: Settings, stream: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        stream: Callable[[], str],
+        extra_stats: Callable[[], Mapping[str, float]] | None = None,
+    ) -> None:
         self.settings = settings
         self.spool_recorder = SpoolRecorder(
             settings.spool,
@@ -63,6 +68,7 @@ class Delivery:
             on_start=self._start_shipper_for_leftovers,
             on_open=self._start_shipper,
             on_tick=self._keep_shipper,
+            extra_stats=extra_stats,
         )
         self._shipping = threading.Lock()
         self._process: ShipperProcess | None = None
@@ -133,8 +139,9 @@ class Delivery:
 
     def _start_shipper_for_leftovers(self) -> None:
         """When the spool holds streams of earlier processes, ship them now rather than
-        after this process's first audited exchange."""
-        if any(streams(Path(self.settings.spool))):
+        after this process's first audited exchange; with ``metrics_port``, start it now
+        in any case, so that ``/metrics`` answers from the start."""
+        if self.settings.metrics_address is not None or any(streams(Path(self.settings.spool))):
             self._start_shipper()
 
     def _start_shipper(self) -> None:
@@ -144,7 +151,10 @@ class Delivery:
             mode = self.settings.ship
             if mode == "process":
                 self._process = ShipperProcess(
-                    self.settings.spool, self.settings.sink, self.settings.shutdown_timeout
+                    self.settings.spool,
+                    self.settings.sink,
+                    self.settings.shutdown_timeout,
+                    metrics=self.settings.metrics_address,
                 )
                 self._process.start()
             elif mode == "thread":

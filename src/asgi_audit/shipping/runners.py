@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from ..errors import ShippingStopped
 from ..recording.spool import private_directory, try_lock, unlock
@@ -35,6 +36,8 @@ from .shipper import Shipper
 logger = logging.getLogger("asgi_audit.shipper")
 
 SINK_VARIABLE = "ASGI_AUDIT_SINK"
+METRICS_VARIABLE = "ASGI_AUDIT_METRICS_PORT"
+"""Where the child shipper serves ``/metrics`` (``HOST:PORT``); unset: nowhere."""
 """How a child shipper learns its sink URL (the environment, not its arguments)."""
 
 
@@ -138,15 +141,23 @@ class ShipperProcess:
     """The child process a middleware starts to ship its spool."""
 
     def __init__(
-        self, spool: str | os.PathLike[str], sink_url: str, drain_seconds: float = 20.0
+        self,
+        spool: str | os.PathLike[str],
+        sink_url: str,
+        drain_seconds: float = 20.0,
+        metrics: tuple[str, int] | None = None,
     ) -> None:
         self.spool = str(spool)
         self.sink_url = sink_url
         self.drain_seconds = drain_seconds
+        self.metrics = metrics
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         environment = {**os.environ, SINK_VARIABLE: self.sink_url}
+        environment.pop(METRICS_VARIABLE, None)
+        if self.metrics is not None:
+            environment[METRICS_VARIABLE] = f"{self.metrics[0]}:{self.metrics[1]}"
         command = [
             sys.executable,
             *("-m", "asgi_audit", "ship", "--spool", self.spool),
@@ -256,6 +267,7 @@ def serve(
     once: bool = False,
     stop_on_eof: bool = False,
     keep_delivered: bool = False,
+    metrics: tuple[str, int] | None = None,
 ) -> int:
     """Ship a spool until told to stop (SIGTERM, SIGINT, or with ``stop_on_eof`` the end
     of stdin: how the parent of a child shipper asks, and what its death looks like),
@@ -289,6 +301,7 @@ def serve(
         lock.release()
         raise
     shipper = Shipper(spool, sink, keep_delivered=keep_delivered)
+    served = _serve_metrics(metrics, shipper) if metrics is not None and not once else None
     try:
         if once:
             report = shipper.ship_once()
@@ -302,8 +315,23 @@ def serve(
         shipper.run(stop.event, on_pass=watch_parent)
         return _drain(shipper, stop.remaining())
     finally:
+        if served is not None:
+            served.shutdown()
+            served.server_close()
         sink.close()
         lock.release()
+
+
+def _serve_metrics(address: tuple[str, int], shipper: Shipper) -> Any:
+    """``/metrics`` of the spool, served while this process ships it (the lock holder:
+    one per spool); a port that cannot be bound is logged, and shipping goes on."""
+    from .metrics import serve_metrics
+
+    try:
+        return serve_metrics(address, shipper.root, shipper)
+    except OSError as exc:
+        logger.warning("asgi-audit: cannot serve metrics on %s:%d: %s", *address, exc)
+        return None
 
 
 def _drain(shipper: Shipper, seconds: float) -> int:

@@ -163,6 +163,8 @@ class Shipper:
         self.backoff_max = backoff_max
         self.failures = 0
         self.delivered = 0
+        self.delivered_bytes = 0
+        """Body bytes (as received) of the records delivered."""
         self.quarantined = 0
         self.damaged_bytes = 0
         self.quarantine = Quarantine(self.root)
@@ -353,6 +355,7 @@ class Shipper:
                     pending.extend((part[middle:], part[:middle]))
                 continue
             self.delivered += len(part)
+            self.delivered_bytes += sum(r.request_size + r.response_size for _, r in part)
             report.delivered += len(part)
             report.batches += 1
 

@@ -63,6 +63,8 @@ from ..record import StoredRecord
 
 BUSY_TIMEOUT_MS = 10_000
 
+STATUS_SORT_MOST = 5000
+"""Records of the queried statuses above which a search walks the time index instead."""
 _DIALECT = sql.Dialect("?", sql.surrogate_safe, plain=str.isascii)
 """SQLite text must be valid UTF-8: lone surrogates are escaped in index columns (ASCII
 text has none, and is taken as it is)."""
@@ -262,7 +264,24 @@ class SqliteSink:
 
     def search(self, query: Query) -> Iterator[StoredRecord]:
         self._open_connection()
-        return sql.search(query, "records", _DIALECT, self._fetch)
+        filtered = query.status_low is not None or query.status_high is not None
+        status = "+status" if filtered and self._many_with_status(query) else "status"
+        return sql.search(query, "records", _DIALECT, self._fetch, status)
+
+    def _many_with_status(self, query: Query) -> bool:
+        """Whether at least :data:`STATUS_SORT_MOST` records have the query's statuses.
+        SQLite answers a status filter from the status index and then sorts every match
+        by time: fine for a rare status, ~0.65 s for ``2xx`` over 100,000 records. When
+        the matches are that many, walking the time index and skipping the others finds a
+        page sooner; this probe, bounded by the same number, tells which."""
+        low = query.status_low if query.status_low is not None else -(1 << 31)
+        high = query.status_high if query.status_high is not None else (1 << 31) - 1
+        rows = self._fetch(
+            "SELECT count(*) FROM (SELECT 1 FROM records WHERE status >= ? AND status <= ?"
+            " LIMIT ?)",
+            (low, high, STATUS_SORT_MOST),
+        )
+        return int(rows[0][0]) >= STATUS_SORT_MOST
 
     def get(self, record_id: str) -> StoredRecord | None:
         rows = self._fetch(
