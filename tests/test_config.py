@@ -264,3 +264,20 @@ def test_a_signing_key_that_is_not_one_fails_without_showing_it(tmp_path: Path) 
     with pytest.raises(ConfigError, match="Ed25519 private key") as caught:
         AuditMiddleware(_app, environ={"ASGI_AUDIT_SIGNING_KEY": public.decode()})
     assert "BEGIN" not in str(caught.value)
+
+
+def test_kubernetes_service_links_are_not_settings() -> None:
+    """A Service named ``asgi-audit`` in the namespace makes Kubernetes inject these into
+    every container: the app must still start; a real typo still fails."""
+    injected = {
+        "ASGI_AUDIT_SERVICE_HOST": "10.0.0.12",
+        "ASGI_AUDIT_SERVICE_PORT": "8000",
+        "ASGI_AUDIT_SERVICE_PORT_HTTP": "8000",
+        "ASGI_AUDIT_PORT": "tcp://10.0.0.12:8000",
+        "ASGI_AUDIT_PORT_8000_TCP_ADDR": "10.0.0.12",
+        "ASGI_AUDIT_SERVICE": "orders",
+    }
+    middleware = AuditMiddleware(_app, environ=injected)
+    assert middleware.settings.service == "orders"
+    with pytest.raises(ConfigError, match="ASGI_AUDIT_SERVICEE"):
+        AuditMiddleware(_app, environ={"ASGI_AUDIT_SERVICEE": "x"})

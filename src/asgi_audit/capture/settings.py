@@ -357,11 +357,17 @@ def _seconds(value: Any, parameter: str) -> float:
     return seconds
 
 
+_SERVICE_LINKS = re.compile(r"ASGI_AUDIT_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\w+)?)")
+"""What Kubernetes injects into every container of a namespace with a Service named
+``asgi-audit`` (``ASGI_AUDIT_SERVICE_HOST``, ``ASGI_AUDIT_PORT_8000_TCP_ADDR``...): not
+settings, and no reason for a pod to fail at start."""
+
+
 def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     by_variable = {ENV_PREFIX + suffix: key for key, suffix in _ENV_KEYS.items()}
     found: dict[str, Any] = {}
     for variable, value in environ.items():
-        if not variable.startswith(ENV_PREFIX):
+        if not variable.startswith(ENV_PREFIX) or _SERVICE_LINKS.fullmatch(variable):
             continue
         key = by_variable.get(variable)
         if key is None:
