@@ -27,6 +27,8 @@ from asgi_audit.capture.record import Identity
 from asgi_audit.recording.signing import generate
 from processes import ROOT, environment
 
+pytestmark = pytest.mark.deploy
+
 DEPLOY = ROOT / "deploy" / "kubernetes"
 VERSIONS = tuple(f"1.{minor}" for minor in range(30, 38))
 """The Kubernetes versions deploy/kubernetes/README.md names: 1.30 (the preStop ``sleep``

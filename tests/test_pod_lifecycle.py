@@ -47,7 +47,7 @@ from processes import (
 )
 from spooling import spooled_ids
 
-pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.server, pytest.mark.deploy, pytest.mark.timeout(300)]
 
 DEPLOY = ROOT / "deploy" / "kubernetes"
 IDENTITY = {"POD_NAME": "shop-0", "POD_NAMESPACE": "shop", "NODE_NAME": "node-a"}
