@@ -201,10 +201,11 @@ class SpoolRecorder:
         """``on_written`` callbacks that raised."""
         self.body_bytes = 0
         """Bytes of the bodies of the records written (as received, before truncation)."""
-        self.batches = 0
-        self.batch_records = 0
-        self.batch_seconds = 0.0
-        """Takes of the queue written, the exchanges in them, the seconds they took."""
+        self.takes = 0
+        self.taken_records = 0
+        self.take_seconds = 0.0
+        """Batches taken from the queue and written, the exchanges in them, the seconds
+        they took (published as ``batches``, ``batch_records``, ``batch_seconds``)."""
         self._extra_stats = extra_stats
         """More counters to publish (the middleware's: exchanges dropped, failures)."""
         self._stats_at = 0.0
@@ -386,9 +387,9 @@ class SpoolRecorder:
                     self._unacknowledged += len(batch)
                     started = time.perf_counter()
                     self._record(batch)
-                    self.batches += 1
-                    self.batch_records += len(batch)
-                    self.batch_seconds += time.perf_counter() - started
+                    self.takes += 1
+                    self.taken_records += len(batch)
+                    self.take_seconds += time.perf_counter() - started
                 now = time.monotonic()
                 if self._writer is not None and (
                     closing or now - self._checkpoint_at >= self.checkpoint_interval
@@ -431,9 +432,9 @@ class SpoolRecorder:
             "lost": self.lost,
             "errors": self.errors,
             "bodies_redacted": self.bodies_redacted,
-            "batches": self.batches,
-            "batch_records": self.batch_records,
-            "batch_seconds": self.batch_seconds,
+            "batches": self.takes,
+            "batch_records": self.taken_records,
+            "batch_seconds": self.take_seconds,
             "queue_records": len(self._queue),
             "queue_bytes": self._bytes,
         }
