@@ -71,16 +71,12 @@ class Server:
         finally:
             if stderr is not None:
                 stderr.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with {self.process.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.1)
-        self.kill()
-        raise RuntimeError("uvicorn did not start in time")
+        try:
+            wait_answering(self.process, self.url + "/health", timeout)
+        except RuntimeError:
+            self.kill()
+            raise
+        return self
 
     def signal(self, number: int) -> None:
         assert self.process is not None
@@ -94,6 +90,21 @@ class Server:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(30)
+
+
+def wait_answering(process: subprocess.Popen[bytes], url: str, timeout: float = 30.0) -> None:
+    """Until ``url`` answers 200 (bounded by ``timeout``); RuntimeError, with what the
+    process wrote on a piped stderr, when it exits first or does not answer in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            raise RuntimeError(f"exited with {process.returncode}: {stderr[-2000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer in {timeout:.0f} s")
 
 
 @contextlib.contextmanager

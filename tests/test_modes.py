@@ -18,8 +18,8 @@ from asgi_audit._types import Message
 from asgi_audit.errors import RecordNotWritten
 from asgi_audit.recording.writer import SpoolRecorder
 from harness import EchoApp, http_scope
+from session import serving
 from spooling import spooled
-from test_server import _serve
 
 
 class HeldRecorder(MemoryRecorder):
@@ -143,7 +143,7 @@ def test_blocking_strict_on_a_real_server_closes_the_connection(tmp_path: Path) 
     broken = SpoolRecorder(blocked / "spool", retry_seconds=0.0)
     app = AuditMiddleware(EchoApp(), recorder=broken, mode="blocking-strict", environ={})
     with (
-        _serve(app) as url,
+        serving(app, lifespan="off") as url,
         httpx.Client(base_url=url, timeout=10) as client,
         pytest.raises(httpx.HTTPError),
     ):
@@ -152,7 +152,7 @@ def test_blocking_strict_on_a_real_server_closes_the_connection(tmp_path: Path) 
 
     working = SpoolRecorder(tmp_path / "spool", fsync="always")
     app = AuditMiddleware(EchoApp(), recorder=working, mode="blocking-strict", environ={})
-    with _serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+    with serving(app, lifespan="off") as url, httpx.Client(base_url=url, timeout=10) as client:
         for number in range(20):
             body = b'{"n": %d}' % number
             assert client.post("/orders", content=body).content == body

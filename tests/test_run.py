@@ -8,7 +8,6 @@ import contextlib
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from asgi_audit.sinks import Query, open_sink
 from asgi_audit.sinks.record import StoredRecord
-from processes import ROOT, environment, free_port
+from processes import ROOT, environment, free_port, wait_answering
 
 pytestmark = pytest.mark.server
 
@@ -40,16 +39,7 @@ def running(
     process = subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(process.stderr.read().decode() if process.stderr else "")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.1)
-        else:
-            raise AssertionError("asgi-audit run did not answer in 30 s")
+        wait_answering(process, url + "/health")
         yield url, process
     finally:
         if process.poll() is None:

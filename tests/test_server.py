@@ -5,7 +5,6 @@ thread and is stopped (and joined) before the test ends."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -14,7 +13,7 @@ import socket
 import threading
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
@@ -22,13 +21,13 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from asgi_audit import AuditMiddleware, Body, Exchange, MemoryRecorder
 from harness import http_scope
+from session import serving
 
 pytestmark = pytest.mark.server
 
@@ -124,36 +123,6 @@ def _order_json(target: int = 1_000_000, seed: int = 7) -> bytes:
 
 
 # -- server and client helpers ---------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _serve(app: Callable[..., Any]) -> Iterator[str]:
-    """Run ``app`` under uvicorn in a background thread; yield its base URL; stop and join."""
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        http="h11",
-        log_level="warning",
-        log_config=None,
-        lifespan="off",
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn-under-test", daemon=True)
-    thread.start()
-    try:
-        for _ in range(int(START_TIMEOUT / POLL)):
-            if server.started or not thread.is_alive():
-                break
-            time.sleep(POLL)
-        assert server.started, "uvicorn did not start"
-        port = int(server.servers[0].sockets[0].getsockname()[1])
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(START_TIMEOUT)
-        assert not thread.is_alive(), "uvicorn did not stop"
 
 
 def _client(base_url: str) -> httpx.Client:
@@ -280,10 +249,10 @@ def test_json_and_raw_posts_are_recorded_byte_exact_without_changing_responses(
         }
 
     app = _orders_app()
-    with _serve(app) as url, _client(url) as client:
+    with serving(app, lifespan="off") as url, _client(url) as client:
         plain = exchange_all(client)
     with (
-        _serve(AuditMiddleware(app, recorder=recorder, spill_dir=tmp_path)) as url,
+        serving(AuditMiddleware(app, recorder=recorder, spill_dir=tmp_path), lifespan="off") as url,
         _client(url) as client,
     ):
         audited = exchange_all(client)
@@ -376,7 +345,7 @@ def test_streamed_100mb_response_flows_through_and_spills_to_disk(
     received = hashlib.sha256()
     size = 0
     with (
-        _serve(audited) as url,
+        serving(audited, lifespan="off") as url,
         _client(url) as client,
         client.stream("GET", "/downloads/big", headers={"x-request-id": "big"}) as response,
     ):
@@ -490,7 +459,7 @@ def test_pipelined_and_concurrent_requests_are_each_recorded_once_with_their_own
     pipelined = {f"pipe-{i}": body_for(f"pipe-{i}") for i in range(8)}
     audited = AuditMiddleware(app, recorder=recorder, spill_dir=tmp_path)
     with (
-        _serve(audited) as url,
+        serving(audited, lifespan="off") as url,
         socket.create_connection(("127.0.0.1", _port(url)), timeout=30) as sock,
     ):
         sock.sendall(
@@ -538,7 +507,10 @@ def test_pipelined_and_concurrent_requests_are_each_recorded_once_with_their_own
         return got
 
     audited = AuditMiddleware(app, recorder=recorder, spill_dir=tmp_path)
-    with _serve(audited) as url, ThreadPoolExecutor(max_workers=connections) as pool:
+    with (
+        serving(audited, lifespan="off") as url,
+        ThreadPoolExecutor(max_workers=connections) as pool,
+    ):
         results = list(pool.map(run_connection, [url] * connections, range(connections)))
     assert max(peaks) == connections
     for got in results:
@@ -599,7 +571,7 @@ def test_client_disconnects_mid_upload_and_mid_download_are_recorded_as_such(
 
     declared = 1_000_000
     audited = AuditMiddleware(app, recorder=recorder, spill_dir=tmp_path)
-    with _serve(audited) as url, _client(url) as client:
+    with serving(audited, lifespan="off") as url, _client(url) as client:
         port = _port(url)
         # Upload cut short after the app has read part of it (streamed handler).
         sent = order[:300_000]
@@ -703,7 +675,10 @@ def test_head_204_and_304_are_recorded_with_status_and_empty_response_body(
             return Response(status_code=304, headers={"etag": etag})
         return JSONResponse({"id": item_id}, headers={"etag": etag})
 
-    with _serve(AuditMiddleware(app, recorder=recorder)) as url, _client(url) as client:
+    with (
+        serving(AuditMiddleware(app, recorder=recorder), lifespan="off") as url,
+        _client(url) as client,
+    ):
         full = client.get("/items/1", headers={"x-request-id": "get"})
         head = client.head("/items/1", headers={"x-request-id": "head"})
         gone = client.delete("/items/1", headers={"x-request-id": "delete"})

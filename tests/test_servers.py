@@ -12,7 +12,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import httpx
 import pytest
 
 from asgi_audit.sinks import Query, open_sink
-from processes import ROOT, environment, free_port
+from processes import ROOT, environment, free_port, wait_answering
 
 pytestmark = [pytest.mark.server, pytest.mark.servers]
 
@@ -72,17 +71,7 @@ def serving(stack: Stack, env: dict[str, str]) -> Iterator[tuple[str, subprocess
     process = subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                stderr = process.stderr.read().decode() if process.stderr else ""
-                raise AssertionError(f"{stack.name} exited: {stderr[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.1)
-        else:
-            raise AssertionError(f"{stack.name} did not answer in 30 s")
+        wait_answering(process, url + "/health")
         yield url, process
     finally:
         if process.poll() is None:

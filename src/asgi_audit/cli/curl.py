@@ -135,15 +135,13 @@ def _url(record: StoredRecord) -> str:
     for index, pair in enumerate(query.split("&")):
         name, equals, value = pair.partition("=")
         prefix = "&" if index else ""
-        if equals and value and _unquoted(name).lower() in secret:
-            words.append(shell_quote(f"{prefix}{name}=") + f'"${variable_name(_unquoted(name))}"')
+        if equals and value and unquote_plus(name).lower() in secret:
+            words.append(
+                shell_quote(f"{prefix}{name}=") + f'"${variable_name(unquote_plus(name))}"'
+            )
         else:
             words.append(shell_quote(prefix + pair))
     return "".join(words)
-
-
-def _unquoted(name: str) -> str:
-    return unquote_plus(name)
 
 
 def _comment(text: str) -> str:

@@ -31,13 +31,13 @@ costs one entry's memory.
 from __future__ import annotations
 
 import base64
-import zlib
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any, BinaryIO
 from urllib.parse import parse_qsl, quote
 
 from .._version import __version__
+from ..recording.redact_body import decode_content
 from ..sinks.record import HeaderList, StoredBody, StoredRecord
 from .exports import iso, printable_json_bytes
 
@@ -45,8 +45,6 @@ MAX_DECODED = 64 << 20
 """A compressed body is given decoded only up to this size; past it, as stored (base64)."""
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
 """What the URL keeps unescaped in a path: records hold the decoded path."""
-
-_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": 0}
 
 
 def write_har(records: Iterable[StoredRecord], out: BinaryIO) -> int:
@@ -180,7 +178,7 @@ def _response(record: StoredRecord, version: str) -> dict[str, Any]:
 def _content(data: bytes, truncated: bool, coding: str | None) -> dict[str, Any]:
     """``content``'s text: decoded when HTTP-compressed (and whole: the size is then the
     decoded one), the exact bytes then kept in ``_wire``."""
-    decoded = None if truncated else _decoded(data, coding)
+    decoded = None if truncated else decode_content(data, coding, MAX_DECODED)
     shown = data if decoded is None else decoded
     content: dict[str, Any] = {} if decoded is None else {"size": len(decoded)}
     try:
@@ -197,28 +195,8 @@ def _content(data: bytes, truncated: bool, coding: str | None) -> dict[str, Any]
 def decoded_body(data: bytes, coding: str | None) -> bytes:
     """``data`` with its ``Content-Encoding`` (gzip, deflate) undone, or as it is when
     there is none, another one, or it does not decode."""
-    decoded = _decoded(data, coding)
+    decoded = decode_content(data, coding, MAX_DECODED)
     return data if decoded is None else decoded
-
-
-def _decoded(data: bytes, coding: str | None) -> bytes | None:
-    """``data`` decompressed as ``coding`` says (gzip or deflate, bounded), or None when
-    there is nothing to decode or it does not decode."""
-    if not coding or not data:
-        return None
-    wbits = _DECODERS.get(coding.strip().lower())
-    if wbits is None:
-        return None
-    attempts = (wbits,) if wbits else (zlib.MAX_WBITS, -zlib.MAX_WBITS)  # deflate: zlib or raw
-    for bits in attempts:
-        inflater = zlib.decompressobj(bits)
-        try:
-            out = inflater.decompress(data, MAX_DECODED)
-        except zlib.error:
-            continue
-        if inflater.eof and not inflater.unconsumed_tail and not inflater.unused_data:
-            return out
-    return None
 
 
 def _audit_facts(body: StoredBody) -> dict[str, Any]:

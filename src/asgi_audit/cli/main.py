@@ -57,12 +57,8 @@ def opened_sink(url: str) -> Iterator[Sink]:
     message (often a driver's) quotes it."""
     try:
         opened = open_sink(url, create=False)
-    except AuditError as exc:
-        raise click.ClickException(printable_error(str(exc), url)) from exc
-    except OSError as exc:
-        raise click.ClickException(
-            f"cannot open {printable_url(url)}: {printable_error(str(exc), url)}"
-        ) from exc
+    except (AuditError, OSError) as exc:
+        raise open_error(exc, url) from exc
     try:
         yield opened
     except BrokenPipeError:  # click ends quietly when the reader leaves (`| head`)
@@ -73,6 +69,16 @@ def opened_sink(url: str) -> Iterator[Sink]:
         ) from exc
     finally:
         opened.close()
+
+
+def open_error(exc: AuditError | OSError, url: str) -> click.ClickException:
+    """A sink that could not be opened, as one CLI line with the URL masked wherever the
+    message (often a driver's) quotes it."""
+    if isinstance(exc, AuditError):
+        return click.ClickException(printable_error(str(exc), url))
+    return click.ClickException(
+        f"cannot open {printable_url(url)}: {printable_error(str(exc), url)}"
+    )
 
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d|w)")

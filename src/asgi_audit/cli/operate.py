@@ -30,7 +30,6 @@ def spool() -> None:
 @spool_option
 def spool_status(spool: str) -> None:
     """Segments, bytes and shipping lag of every stream in the spool."""
-    from ..recording.frames import Frame, decode_payload, read_frames
     from ..recording.spool import streams
     from ..shipping.runners import ShipperLock
 
@@ -45,16 +44,10 @@ def spool_status(spool: str) -> None:
         size = sum((stream.directory / s).stat().st_size for s in segments)
         pending = 0
         oldest: int | None = None
-        for segment in segments:
-            if checkpoint.segment and segment < checkpoint.segment:
-                continue
-            start = checkpoint.offset if segment == checkpoint.segment else 0
-            for item in read_frames(stream.directory / segment, start):
-                if isinstance(item, Frame):
-                    for spooled in decode_payload(item.payload, unpack=False):
-                        pending += 1
-                        started = int(spooled.meta["started_at_ns"])
-                        oldest = started if oldest is None else min(oldest, started)
+        for spooled in stream.pending():
+            pending += 1
+            started = int(spooled.meta["started_at_ns"])
+            oldest = started if oldest is None else min(oldest, started)
         lag = "none" if oldest is None else f"{(time.time_ns() - oldest) / 1e9:.1f} s"
         state = "live" if stream.writer_alive() else "orphaned"
         click.echo(

@@ -344,6 +344,19 @@ def _decode(data: bytes, coding: str | None, limit: int) -> tuple[bytes, int | N
     raise _Unreadable()
 
 
+def decode_content(data: bytes, content_encoding: str | None, limit: int) -> bytes | None:
+    """``data`` with its ``Content-Encoding`` (gzip, deflate) undone, at most ``limit``
+    bytes; None when there is none to undo, an unknown one, or it does not decode whole
+    (exports and replay show such a body as it was stored)."""
+    coding = _coding(content_encoding)
+    if coding is None or not data:
+        return None
+    try:
+        return _decode(data, coding, limit)[0]
+    except _Unreadable:
+        return None
+
+
 def _zlib_header(data: bytes) -> bool:
     """Whether ``data`` starts with a zlib header (RFC 1950: deflate, header check)."""
     return len(data) >= 2 and data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0

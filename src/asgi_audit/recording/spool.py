@@ -33,6 +33,7 @@ from pathlib import Path
 import orjson
 
 from ..errors import SpoolError
+from .frames import Frame, SpooledRecord, decode_payload, read_frames
 
 logger = logging.getLogger("asgi_audit.spool")
 
@@ -509,6 +510,18 @@ class StreamDirectory:
     def remove(self) -> None:
         """Delete the whole (delivered, dead) stream directory."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def pending(self) -> Iterator[SpooledRecord]:
+        """The records (and checkpoints) not yet delivered, in order, their bodies left
+        packed: what ``spool status`` counts and the metrics' shipping lag starts at."""
+        checkpoint = self.checkpoint()
+        for segment in self.segments():
+            if checkpoint.segment and segment < checkpoint.segment:
+                continue
+            start = checkpoint.offset if segment == checkpoint.segment else 0
+            for item in read_frames(self.directory / segment, start):
+                if isinstance(item, Frame):
+                    yield from decode_payload(item.payload, unpack=False)
 
 
 def streams(root: Path) -> Iterator[StreamDirectory]:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..recording import stats
-from ..recording.frames import Frame, decode_payload, read_frames
 from ..recording.spool import StreamDirectory, streams
 
 if TYPE_CHECKING:
@@ -147,17 +146,10 @@ class SpoolCollector:
 
 def _oldest_pending(stream: StreamDirectory) -> int | None:
     """The start time of the first exchange of ``stream`` not yet delivered."""
-    checkpoint = stream.checkpoint()
-    for segment in stream.segments():
-        if checkpoint.segment and segment < checkpoint.segment:
-            continue
-        start = checkpoint.offset if segment == checkpoint.segment else 0
-        for item in read_frames(stream.directory / segment, start):
-            if isinstance(item, Frame):
-                for spooled in decode_payload(item.payload, unpack=False):
-                    started = spooled.meta.get("started_at_ns")
-                    if isinstance(started, int):
-                        return started
+    for spooled in stream.pending():
+        started = spooled.meta.get("started_at_ns")
+        if isinstance(started, int):
+            return started
     return None
 
 

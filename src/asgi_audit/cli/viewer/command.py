@@ -22,8 +22,8 @@ from typing import Any
 import click
 
 from ...errors import AuditError
-from ..main import main, sink_option
-from ..terminal import printable, printable_error, printable_url
+from ..main import main, open_error, sink_option
+from ..terminal import printable, printable_url
 
 TOKEN_VARIABLE = "ASGI_AUDIT_VIEWER_TOKEN"
 INSTALL_HINT = "pip install 'asgi-audit[viewer]'"
@@ -87,12 +87,8 @@ def open_viewer(create_app: Callable[[str, str], Any], sink: str, token: str) ->
     (as :func:`~asgi_audit.cli.main.opened_sink` words them)."""
     try:
         return create_app(sink, token)
-    except AuditError as exc:
-        raise click.ClickException(printable_error(str(exc), sink)) from exc
-    except OSError as exc:
-        raise click.ClickException(
-            f"cannot open {printable_url(sink)}: {printable_error(str(exc), sink)}"
-        ) from exc
+    except (AuditError, OSError) as exc:
+        raise open_error(exc, sink) from exc
 
 
 def viewer_token() -> tuple[str, bool]:
